@@ -1,0 +1,53 @@
+"""Shared fixtures: one Prefect test server per session, isolated MLflow stores, tiny data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (it takes 10-20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A private SQLite tracking store per test, set the way a team sets a server."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("SYNTHDX_PARENT_RUN_ID", raising=False)
+    return uri
+
+
+def tiny_overrides(out: Path, patients: int = 16, seed: int = 5) -> list[str]:
+    """Parameter overrides for a small, fast phantom (quarter-resolution matrix)."""
+    return [f"phantom.output={out}", f"phantom.patients={patients}", f"phantom.seed={seed}",
+            "phantom.rows=512", "phantom.cols=128", "phantom.workers=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom archive (all five sites, every transfer syntax), made once."""
+    from tasks.config import load_config
+    from tasks.phantom.generate import generate_phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "raw"
+    cfg = load_config(PARAMS, tiny_overrides(out, patients=20))
+    generate_phantom(cfg.phantom)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_user_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests decide themselves whether a pseudonymisation key is set."""
+    monkeypatch.delenv(os.environ.get("SYNTHDX_KEY_ENV", "SYNTHDX_PSEUDONYM_KEY"), raising=False)
