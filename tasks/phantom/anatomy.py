@@ -106,7 +106,7 @@ class Anchors:
 # Uptake per unit area relative to a thoracic vertebral body (1.0).
 UPTAKE = {
     "vertebra": 1.0, "si_joint": 1.25, "sacrum": 0.8, "ilium": 0.42, "iliac_crest": 0.6,
-    "acetabulum": 0.75, "pubis": 0.55, "skull": 0.55, "face": 0.85, "mandible": 0.5,
+    "acetabulum": 0.75, "pubis": 0.55, "skull": 0.55, "face": 0.6, "mandible": 0.45,
     "sternum": 0.7, "rib": 0.42, "scapula": 0.3, "scap_spine": 0.55, "glenoid": 0.7,
     "clavicle": 0.5, "humeral_head": 0.65, "humerus": 0.28, "elbow": 0.45, "forearm": 0.22,
     "wrist": 0.45, "hand": 0.3, "femoral_head": 0.7, "trochanter": 0.6, "femur": 0.32,
@@ -145,7 +145,7 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
              (-ww, 0.40 * H), (-hw, 0.53 * H), (-hw * 0.95, 0.60 * H), (-0.02 * H, 0.625 * H),
              (0.02 * H, 0.625 * H), (hw * 0.95, 0.60 * H), (hw, 0.53 * H), (ww, 0.40 * H),
              (sw * 0.96, 0.27 * H), (sw, 0.195 * H), (sw * 0.55, 0.165 * H)]
-    cv.polygon("mid", arr(torso), soft * b.thickness_cm / 10)
+    cv.polygon("mid", arr(torso), soft * b.thickness_cm / 10, soft_mm=18)
     cv.ellipse("periph", P(0, 0.065 * H), (78 * w, 112 * w), soft * 1.6, profile="dome")
     cv.tube("periph", arr([(0, 0.11 * H), (0, 0.18 * H)]), 52 * hab, soft * 1.2)
     leg_top = 0.055 * H * hab
@@ -243,14 +243,14 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
         yv = vert_y[f"T{i + 1}"]
         xs = spine_x(yv)
         W = chest * profile[i]
-        d1 = 8 + 2.2 * i
+        d1 = 16 + 3.0 * i
         for s in (-1, 1):
             t = np.linspace(0, 1, 9)
             px = xs + s * (14 * w + (W - 14 * w) * np.sin(t * np.pi / 2) ** 0.9)
             py = yv - 6 * np.sin(np.pi * t) + d1 * t**2
             post = np.stack([px, py], 1)
             val = U["rib"] * j[7] * (1.05 if i < 10 else 0.9)
-            cv.tube("back", arr(post), 5.5 * w, val)
+            cv.tube("back", arr(post), 4.6 * w, val * 0.85)
             for q in (3, 5, 7):
                 ang = np.degrees(np.arctan2(py[q + 1] - py[q - 1], (px[q + 1] - px[q - 1])))
                 anchors.add("rib", *P(px[q], py[q]), "back", val, angle=ang, side=s, index=i)

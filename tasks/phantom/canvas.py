@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from matplotlib.path import Path as MplPath
+from scipy.ndimage import gaussian_filter
 
 LAYERS = ("front", "mid", "back", "periph")
 """Depth layers: in front of / inside / behind the torso's mid-plane, and the limbs + head."""
@@ -88,18 +89,23 @@ class Canvas:
         if box is None:
             return
         sl, cc, rr = box
-        a = np.stack([c[:-1], r[:-1]], 1)[:, None, None, :]
-        b = np.stack([c[1:], r[1:]], 1)[:, None, None, :]
-        p = np.stack([cc, rr], -1)[None]
-        ab = b - a
-        denom = np.maximum((ab**2).sum(-1), 1e-6)
-        t = np.clip(((p - a) * ab).sum(-1) / denom, 0.0, 1.0)
-        d = np.sqrt(((a + t[..., None] * ab - p) ** 2).sum(-1))
-        k = np.argmin(d, axis=0)
-        tk = np.take_along_axis(t, k[None], 0)[0]
-        dk = np.take_along_axis(d, k[None], 0)[0]
-        rk = rad[k] * (1 - tk) + rad[np.minimum(k + 1, n - 1)] * tk
-        vk = val[k] * (1 - tk) + val[np.minimum(k + 1, n - 1)] * tk
+        best_d = np.full(cc.shape, np.inf, np.float32)
+        best_t = np.zeros(cc.shape, np.float32)
+        best_k = np.zeros(cc.shape, np.intp)
+        for k in range(n - 1):
+            ax, ay = c[k], r[k]
+            bx, by = c[k + 1] - ax, r[k + 1] - ay
+            px, py = cc - ax, rr - ay
+            t = np.clip((px * bx + py * by) / max(bx * bx + by * by, 1e-6), 0.0, 1.0)
+            dx, dy = px - t * bx, py - t * by
+            d = np.sqrt(dx * dx + dy * dy)
+            closer = d < best_d
+            best_d = np.where(closer, d, best_d)
+            best_t = np.where(closer, t, best_t)
+            best_k = np.where(closer, k, best_k)
+        k, tk, dk = best_k, best_t, best_d
+        rk = rad[k] * (1 - tk) + rad[k + 1] * tk
+        vk = val[k] * (1 - tk) + val[k + 1] * tk
         inside = _smooth_edge(rk - dk, soft)
         if profile == "dome":
             shape = 0.55 + 0.45 * np.sqrt(np.clip(1 - (dk / np.maximum(rk, 1e-3)) ** 2, 0, 1))
@@ -139,18 +145,26 @@ class Canvas:
             raise ValueError(f"unknown profile {profile!r}")
         self.layers[layer][sl] += (value * out).astype(np.float32)
 
-    def polygon(self, layer: str, verts_mm: np.ndarray, value: float) -> None:
-        """A filled polygon (iliac wings, scapulae, sacrum)."""
+    def polygon(self, layer: str, verts_mm: np.ndarray, value: float, soft_mm: float = 2.5
+                ) -> None:
+        """A filled polygon (iliac wings, scapulae, sacrum, the torso's outline).
+
+        The edge is softened over ``soft_mm`` (bone edges are not cut with a knife, and a
+        body's projected thickness falls off towards its outline).
+        """
         verts = np.asarray(verts_mm, np.float32)
         c, r = self.to_px(verts[:, 0], verts[:, 1])
-        box = self._box(c.min(), c.max(), r.min(), r.max())
+        pad = 3 * soft_mm / self.pixel_mm + 1
+        box = self._box(c.min() - pad, c.max() + pad, r.min() - pad, r.max() + pad)
         if box is None:
             return
         sl, cc, rr = box
         path = MplPath(np.stack([c, r], 1))
         pts = np.stack([cc.ravel(), rr.ravel()], 1)
-        inside = path.contains_points(pts, radius=0.0).reshape(cc.shape)
-        self.layers[layer][sl] += value * inside.astype(np.float32)
+        inside = path.contains_points(pts, radius=0.0).reshape(cc.shape).astype(np.float32)
+        if soft_mm > 0:
+            inside = gaussian_filter(inside, soft_mm / self.pixel_mm, mode="constant")
+        self.layers[layer][sl] += value * inside
 
     def blob(self, layer: str, center_mm, sigma_mm, value: float, angle_deg: float = 0.0) -> None:
         """A Gaussian spot (lesions, hot spots). ``sigma_mm`` is a number or (along, across)."""
