@@ -6,6 +6,7 @@ and validates the tree before doing anything, so any run is reproducible from it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,16 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a parameter: dotted.key=value (repeatable)."),
 ]
+
+
+def _project_prefect_home() -> None:
+    """Keep Prefect's local state in the project (.prefect/) unless the user chose otherwise.
+
+    Why: the temporary server's SQLite database otherwise lives in ~/.prefect and is shared
+    by every project and test run on the machine, which locks under concurrent use.
+    """
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_HOME"] = str(Path.cwd() / ".prefect")
 
 
 def _load(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Config:
@@ -68,6 +79,7 @@ def phantom_cmd(
     if seed is not None:
         extra.append(f"phantom.seed={seed}")
     cfg = _load(params, set_, extra)
+    _project_prefect_home()
     from flows.phantom import phantom_flow
 
     try:
@@ -96,6 +108,7 @@ def ingest_cmd(
     if strict:
         extra.append("ingest.strict=true")
     cfg = _load(params, set_, extra)
+    _project_prefect_home()
     from flows.ingest import ingest_flow
     from tasks.ingest.errors import IngestError
 

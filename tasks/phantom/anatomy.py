@@ -150,9 +150,9 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
     cv.tube("periph", arr([(0, 0.11 * H), (0, 0.18 * H)]), 52 * hab, soft * 1.2)
     leg_top = 0.055 * H * hab
     for s in (-1, 1):
-        cv.tube("periph", arr([(s * leg_top, 0.56 * H), (s * 0.052 * H, 0.74 * H),
+        cv.tube("periph", arr([(s * leg_top, 0.62 * H), (s * 0.052 * H, 0.74 * H),
                                (s * 0.047 * H, 0.95 * H)]),
-                [82 * hab, 55 * hab, 32 * hab], [soft * 1.6, soft * 1.2, soft * 0.8])
+                [70 * hab, 55 * hab, 32 * hab], [soft * 1.4, soft * 1.2, soft * 0.8])
         ax = s * (sw + b.arm_gap + 18 * hab)
         cv.tube("periph", arr([(s * (sw - 10), 0.2 * H), (ax, 0.37 * H), (ax + s * 10, 0.5 * H)]),
                 [48 * hab, 40 * hab, 30 * hab], soft * 0.9)
@@ -160,7 +160,6 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
         for s in (-1, 1):
             cv.attenuate_anterior(P(s * 0.052 * H, 0.285 * H), (65 * hab, 60 * hab),
                                   float(np.exp(-0.11 * 4.5 * hab)))
-            cv.ellipse("front", P(s * 0.052 * H, 0.285 * H), (60 * hab, 55 * hab), soft * 1.5)
 
     # ---------------- skull ----------------
     cv.ellipse("periph", P(0, 0.062 * H), (73 * w, 102 * w), U["skull"] * 1.9 * j[0],
