@@ -49,6 +49,11 @@ class LabelValueError(ValueError):
     """A label cell that cannot be used; the message is the quarantine reason."""
 
 
+def _show(raw: str) -> str:
+    """A cell value for a message: bare when simple (5, yes), quoted otherwise ('', 'a b')."""
+    return raw if re.fullmatch(r"[\w.+-]+", raw) else repr(raw)
+
+
 def _integer(column: str, raw: str, low: int, high: int | None, rule: str) -> int:
     try:
         value = float(raw)
@@ -57,7 +62,7 @@ def _integer(column: str, raw: str, low: int, high: int | None, rule: str) -> in
     if not math.isfinite(value) or value != int(value) or value < low or (
         high is not None and value > high
     ):
-        raise LabelValueError(f"invalid label {column}={raw!r} ({rule})")
+        raise LabelValueError(f"invalid label {column}={_show(raw)} ({rule})")
     return int(value)
 
 
@@ -67,7 +72,8 @@ def _number(column: str, raw: str, low: float, high: float) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or not low <= value <= high:
-        raise LabelValueError(f"invalid label {column}={raw!r} (must be a number {low:g}-{high:g})")
+        raise LabelValueError(
+            f"invalid label {column}={_show(raw)} (must be a number {low:g}-{high:g})")
     return value
 
 
@@ -77,7 +83,7 @@ def _boolean(column: str, raw: str) -> bool:
         return True
     if text in _FALSE or text in {"0.0"}:
         return False
-    raise LabelValueError(f"invalid label {column}={raw!r} (must be 0 or 1)")
+    raise LabelValueError(f"invalid label {column}={_show(raw)} (must be 0 or 1)")
 
 
 def normalise_tracer(raw: str) -> str:
@@ -94,14 +100,15 @@ def normalise_tracer(raw: str) -> str:
 
 def _tracer(column: str, raw: str) -> str:
     if not _TRACER_PATTERN.match(raw.strip()):
-        raise LabelValueError(f"invalid label {column}={raw!r} (must be a tracer name like DPD)")
+        raise LabelValueError(
+            f"invalid label {column}={_show(raw)} (must be a tracer name like DPD)")
     return normalise_tracer(raw)
 
 
 def _sex(column: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"M", "F", "O"}:
-        raise LabelValueError(f"invalid label {column}={raw!r} (must be M, F or O)")
+        raise LabelValueError(f"invalid label {column}={_show(raw)} (must be M, F or O)")
     return value
 
 
@@ -149,7 +156,7 @@ def _parse_row(cells: dict[str, str], optional: list[str]) -> LabelRow:
     site = cells["site"].strip()
     if not SITE_PATTERN.match(site):
         raise LabelValueError(
-            f"invalid label site={site!r} (letters, digits, '_' and '-' only)"
+            f"invalid label site={_show(site)} (letters, digits, '_' and '-' only)"
         )
     patient_id = cells["patient_id"].strip()
     if not patient_id:

@@ -47,7 +47,8 @@ def _internal_site(meta: dict[str, Any]) -> str | None:
         if len(internal) == 1 and isinstance(internal[0], str):
             return internal[0]
     if isinstance(sites, dict):  # {"name": {"role": ...}} form
-        internal = [k for k, v in sites.items() if isinstance(v, dict) and v.get("role") == "internal"]
+        internal = [k for k, v in sites.items()
+                    if isinstance(v, dict) and v.get("role") == "internal"]
         if len(internal) == 1:
             return str(internal[0])
     return None

@@ -1,0 +1,122 @@
+"""Write the processed dataset and the quarantine, each atomically.
+
+Processed output (versioned by DVC, logged to MLflow, no identity):
+    images.npy          float16 (N, 2, rows, cols); channel 0 anterior, 1 posterior (as
+                        displayed: posterior mirrored), intensity in [0, 1]. np.load(...,
+                        mmap_mode="r") maps it without reading it.
+    manifest.parquet    one row per image; ``index`` is the row in images.npy.
+    headers.jsonl       line i: the de-identified DICOM header of image i (DICOM JSON model,
+                        no pixel data), for audits.
+    ingest_report.json  counts, quarantined files and reasons, label and split statistics.
+    montage.png         a few processed images per site with site / split / label captions.
+
+Quarantine (never versioned: holds identity): untouched copies of the rejected files at their
+relative paths, and reasons.json with the same {path, reason} list as the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
+from tasks.ingest.dvc_hash import dvc_dir_hash
+from tasks.ingest.errors import IngestError
+from tasks.ingest.montage import write_montage
+from tasks.ingest.reader import FileResult
+from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
+
+REPORT_NAME = "ingest_report.json"
+REASONS_NAME = "reasons.json"
+
+
+def write_quarantine(quarantine: Path, source: Path, rejected: list[FileResult]) -> None:
+    """Replace the quarantine folder with copies of this run's rejected files and reasons."""
+    with atomic_dir(quarantine) as tmp:
+        for result in rejected:
+            target = tmp / result.relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / result.relpath, target)
+        reasons = [{"path": r.relpath, "reason": r.reason} for r in rejected]
+        (tmp / REASONS_NAME).write_text(json.dumps(reasons, indent=1) + "\n", encoding="utf-8")
+
+
+def _strict_error(plan: IngestPlan, assembled: Assembled) -> IngestError:
+    shown = "; ".join(f"{r.relpath}: {r.reason}" for r in assembled.quarantined[:3])
+    more = len(assembled.quarantined) - 3
+    return IngestError(
+        f"strict mode: {len(assembled.quarantined)} of {assembled.report['files_total']} files "
+        f"were quarantined ({shown}{f'; and {more} more' if more > 0 else ''}). The previous "
+        f"output in {plan.cfg.output} is unchanged; copies and reasons are in "
+        f"{plan.cfg.quarantine}"
+    )
+
+
+def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
+    """Write quarantine and processed output; return the run's summary.
+
+    Raises:
+        IngestError: in strict mode when any file was quarantined (the output is untouched).
+    """
+    cfg = plan.cfg
+    write_quarantine(Path(cfg.quarantine), Path(cfg.source), assembled.quarantined)
+    if cfg.strict and assembled.quarantined:
+        raise _strict_error(plan, assembled)
+    output = Path(cfg.output)
+    report = {
+        "generator": "synthdx ingest",
+        **assembled.report,
+        "image": {"shape": list(assembled.images.shape[1:]), "dtype": "float16",
+                  "channels": ["anterior", "posterior"], "intensity_percentile":
+                  cfg.intensity_percentile, "intensity_at_percentile": 0.5},
+        "deidentification": {"method": list(DEID_METHOD), "table": TABLE_VERSION,
+                             "dicom_anonymizer": metadata.version("dicom-anonymizer"),
+                             "key": plan.key.origin},
+        "strict": cfg.strict,
+    }
+    with atomic_dir(output) as tmp:
+        np.save(tmp / "images.npy", assembled.images, allow_pickle=False)
+        assembled.manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        with (tmp / "headers.jsonl").open("w", encoding="utf-8") as fh:
+            for header in assembled.headers:
+                fh.write(header + "\n")
+        write_montage(assembled.images, assembled.manifest, tmp / "montage.png")
+        report["elapsed_seconds"] = round(time.perf_counter() - plan.started, 3)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    manifest = assembled.manifest
+    return IngestResult(
+        output=output,
+        quarantine=Path(cfg.quarantine),
+        report_path=output / REPORT_NAME,
+        files_total=report["files_total"],
+        ingested=report["ingested"],
+        quarantined=len(assembled.quarantined),
+        splits={s: int((manifest["split"] == s).sum()) for s in SPLITS},
+        sites=report["counts"]["site"],
+        internal_site=assembled.internal_site,
+        digest=dvc_dir_hash(output),
+        elapsed_seconds=report["elapsed_seconds"],
+        key_origin=plan.key.origin,
+        manifest_dtypes={str(k): v.kind for k, v in manifest.dtypes.items()},
+    )
+
+
+def write_metrics(path: Path, result: IngestResult) -> None:
+    """Write the stage's DVC metrics file (dvc.yaml: reports/ingest_metrics.json).
+
+    Counts only, no timings: ``dvc metrics diff`` should show data changes, not machine noise.
+    """
+    metrics = {
+        "files_total": result.files_total,
+        "ingested": result.ingested,
+        "quarantined": result.quarantined,
+        "images_per_split": result.splits,
+        "images_per_site": result.sites,
+    }
+    atomic_write_text(Path(path), json.dumps(metrics, indent=1, sort_keys=True) + "\n")

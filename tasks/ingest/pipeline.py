@@ -1,0 +1,246 @@
+"""The ingest stage as plain functions: prepare, process, write (MLflow is in tracking.py).
+
+``run_ingest`` chains them; flows/ingest.py wires the same steps as Prefect tasks. Inputs are
+checked before any file is read, so a wrong path, labels file or missing key fails in a
+second with a message that says what to fix, and the previous output is never touched by a
+run that fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.config import IngestConfig
+from tasks.ingest.errors import IngestError
+from tasks.ingest.labels import load_labels
+from tasks.ingest.outputs import write_dataset, write_quarantine
+from tasks.ingest.parallel import resolve_workers, run_pool
+from tasks.ingest.provenance import verified_phantom
+from tasks.ingest.pseudonym import resolve_key
+from tasks.ingest.reader import FileResult, WorkerContext, WorkerSettings, decoded_pixels
+from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
+from tasks.ingest.split import assign_splits
+
+log = logging.getLogger("synthdx.ingest")
+
+BASE_COLUMNS = (
+    "index", "pseudo_id", "study_uid", "site", "split", "perugini_grade", "amyloid",
+    "metastasis", "sex", "age", "weight_kg", "pixel_mm", "counts_anterior", "counts_posterior",
+    "intensity_reference", "tracer", "manufacturer", "model", "transfer_syntax", "view_source",
+)
+_BOOL_EXTRAS = ("superscan", "degenerative", "injection_site", "urine_contamination", "fracture")
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    outer, inner = outer.resolve(), inner.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def list_files(source: Path, labels: Path | None = None) -> list[str]:
+    """Every regular file below ``source`` (but the labels file), as sorted relative paths."""
+    skip = labels.resolve() if labels is not None and labels.exists() else None
+    return sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
+                  if p.is_file() and (skip is None or p.resolve() != skip))
+
+
+def prepare(cfg: IngestConfig) -> IngestPlan:
+    """Check the inputs, read the labels, find the key and list the files.
+
+    Raises:
+        IngestError: naming the setting or file and what is wrong with it.
+    """
+    started = time.perf_counter()
+    source = Path(cfg.source)
+    if not source.is_dir():
+        raise IngestError(f"source folder {source} does not exist (ingest.source / --source)")
+    places = {"ingest.output": Path(cfg.output), "ingest.quarantine": Path(cfg.quarantine)}
+    for name, path in places.items():
+        if _contains(source, path) or _contains(path, source):
+            raise IngestError(f"{name} ({path}) and ingest.source ({source}) must not contain "
+                              "each other: the next run would ingest the outputs")
+    if _contains(places["ingest.output"], places["ingest.quarantine"]) or _contains(
+        places["ingest.quarantine"], places["ingest.output"]
+    ):
+        raise IngestError(f"ingest.quarantine ({cfg.quarantine}) must be outside ingest.output "
+                          f"({cfg.output}): it holds identity and the output is versioned")
+    labels = load_labels(Path(cfg.labels))
+    key = resolve_key(cfg)
+    files = list_files(source, Path(cfg.labels))
+    if not files:
+        raise IngestError(f"source folder {source} holds no files")
+    return IngestPlan(cfg=cfg, files=files, labels=labels, key=key,
+                      phantom=verified_phantom(Path(cfg.labels)), started=started)
+
+
+def worker_context(plan: IngestPlan) -> WorkerContext:
+    """What every worker process needs for the per-file work of this run."""
+    cfg = plan.cfg
+    return WorkerContext(
+        source=Path(cfg.source), labels=plan.labels, key=plan.key,
+        settings=WorkerSettings(cfg.image_rows, cfg.image_cols, cfg.intensity_percentile),
+    )
+
+
+def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResult]:
+    """Run the per-file work over all files in parallel; one result per file."""
+    n_workers = resolve_workers(plan.cfg.workers if workers is None else workers)
+    log.info("processing %d files with %d workers", len(plan.files), n_workers)
+    return run_pool(plan.files, worker_context(plan), n_workers)
+
+
+def _mark_duplicates(ordered: list[FileResult], source: Path) -> None:
+    """Quarantine later copies of an image already ingested (first in path order wins)."""
+    first: dict[str, FileResult] = {}
+    for result in ordered:
+        if not result.ok or result.fingerprint is None:
+            continue
+        original = first.get(result.fingerprint)
+        if original is None:
+            first[result.fingerprint] = result
+            continue
+        a, b = decoded_pixels(source / original.relpath), decoded_pixels(source / result.relpath)
+        if a is not None and b is not None and a.shape == b.shape and np.array_equal(a, b):
+            result.reason = f"duplicate of an already ingested image ({original.relpath})"
+            result.image = result.record = result.header = None
+
+
+def _internal_site(plan: IngestPlan, sites: pd.Series) -> tuple[str, str]:
+    """The site that is split into train/val/test, and where that choice came from."""
+    present = sorted(sites.unique())
+    if plan.cfg.internal_site:
+        if plan.cfg.internal_site not in present:
+            raise IngestError(
+                f"ingest.internal_site is {plan.cfg.internal_site!r}, but no image of that site "
+                f"was ingested (sites: {', '.join(present)})"
+            )
+        return plan.cfg.internal_site, "config"
+    if plan.phantom and plan.phantom.internal_site in present:
+        return str(plan.phantom.internal_site), "PHANTOM.json"
+    counts = sites.value_counts()
+    best = sorted(counts[counts == counts.max()].index)[0]
+    return str(best), "most images"
+
+
+def _manifest(records: list[dict[str, Any]], optional: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(records)
+    frame.insert(0, "index", np.arange(len(frame), dtype=np.int64))
+    frame["split"] = ""
+    extras = [c for c in optional if c not in BASE_COLUMNS]
+    for column in [*BASE_COLUMNS, *extras]:
+        if column not in frame.columns:
+            frame[column] = None
+    frame = frame[[*BASE_COLUMNS, *extras]]
+    frame["perugini_grade"] = frame["perugini_grade"].astype(np.int64)
+    frame["amyloid"] = frame["amyloid"].astype(bool)
+    frame["metastasis"] = frame["metastasis"].astype(bool)
+    for column in ("age", "weight_kg", "pixel_mm", "bmi"):
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    for column in _BOOL_EXTRAS:
+        if column in frame.columns:
+            frame[column] = frame[column].astype("boolean")
+    if "lesion_count" in frame.columns:
+        frame["lesion_count"] = frame["lesion_count"].astype("Int64")
+    for column in ("sex", "tracer", "manufacturer", "model"):
+        frame[column] = frame[column].astype("string")
+    return frame
+
+
+def _counts(series: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in sorted(series.value_counts().items(), key=str)}
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: the text before any detail."""
+    return reason.split(":")[0].split(" (")[0].split("=")[0].strip()
+
+
+def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
+    """Order, de-duplicate, split and count the per-file results.
+
+    Raises:
+        IngestError: when no file could be used.
+    """
+    ordered = [results[p] for p in plan.files]
+    _mark_duplicates(ordered, Path(plan.cfg.source))
+    good = [r for r in ordered if r.ok]
+    bad = [r for r in ordered if not r.ok]
+    if not good:
+        top = Counter(_reason_kind(r.reason or "") for r in bad).most_common(3)
+        raise IngestError(
+            f"no usable images in {plan.cfg.source}: all {len(ordered)} files were quarantined "
+            f"(most common: {'; '.join(f'{k} x{n}' for k, n in top)}); copies and reasons are "
+            f"in {plan.cfg.quarantine}"
+        )
+    manifest = _manifest([r.record for r in good if r.record is not None],
+                         plan.labels.optional_columns)
+    internal, internal_source = _internal_site(plan, manifest["site"])
+    manifest["split"] = assign_splits(manifest, internal, plan.cfg.split).astype(str).to_numpy()
+    images = np.stack([r.image for r in good if r.image is not None]).astype(np.float16)
+    matched = {r.label_uid for r in ordered if r.label_uid}
+    label_uids = set(plan.labels.rows) | set(plan.labels.problems)
+    label = manifest["amyloid"].map({True: "amyloid", False: "no-amyloid"}) + "/" + manifest[
+        "metastasis"].map({True: "metastasis", False: "no-metastasis"})
+    report: dict[str, Any] = {
+        "files_total": len(ordered),
+        "ingested": len(good),
+        "quarantined": [{"path": r.relpath, "reason": r.reason} for r in bad],
+        "quarantined_count": len(bad),
+        "quarantine_reasons": dict(Counter(_reason_kind(r.reason or "") for r in bad)
+                                   .most_common()),
+        "patients": int(manifest["pseudo_id"].nunique()),
+        "internal_site": internal,
+        "internal_site_from": internal_source,
+        "counts": {
+            "site": _counts(manifest["site"]),
+            "split": {s: int((manifest["split"] == s).sum()) for s in SPLITS},
+            "site_split": {site: _counts(g["split"]) for site, g in manifest.groupby("site")},
+            "patients_per_split": {s: int(manifest.loc[manifest["split"] == s, "pseudo_id"]
+                                          .nunique()) for s in SPLITS},
+            "perugini_grade": _counts(manifest["perugini_grade"]),
+            "label": _counts(label),
+            "site_label": {site: _counts(g) for site, g in label.groupby(manifest["site"])},
+            "split_label": {s: _counts(g) for s, g in label.groupby(manifest["split"])},
+            "view_source": _counts(manifest["view_source"]),
+        },
+        "labels": {
+            "rows": plan.labels.n_rows,
+            "studies": len(label_uids),
+            "rows_without_image": len(label_uids - matched),
+            "rows_without_study_uid": plan.labels.rows_without_study_uid,
+            "invalid_studies": len(plan.labels.problems),
+            "patient_id_differs_from_header": sum(r.patient_id_differs for r in good),
+            "optional_columns": plan.labels.optional_columns,
+            "unknown_columns": plan.labels.unknown_columns,
+        },
+        "transfer_syntaxes": dict(sorted(Counter(
+            r.transfer_syntax for r in ordered if r.transfer_syntax).items())),
+    }
+    return Assembled(images=images, manifest=manifest,
+                     headers=[r.header for r in good if r.header is not None],
+                     quarantined=bad, internal_site=internal,
+                     internal_site_source=internal_source, report=report)
+
+
+def finish(plan: IngestPlan, results: dict[str, FileResult]) -> IngestResult:
+    """Assemble and write; when nothing is usable, still write the quarantine, then fail."""
+    try:
+        assembled = assemble(plan, results)
+    except IngestError:
+        rejected = [results[p] for p in plan.files if not results[p].ok]
+        write_quarantine(Path(plan.cfg.quarantine), Path(plan.cfg.source), rejected)
+        raise
+    return write_dataset(plan, assembled)
+
+
+def run_ingest(cfg: IngestConfig, workers: int | None = None) -> IngestResult:
+    """Prepare, process, assemble and write: the whole stage without MLflow or Prefect."""
+    plan = prepare(cfg)
+    return finish(plan, process(plan, workers))

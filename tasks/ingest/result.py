@@ -1,0 +1,81 @@
+"""The records passed between the ingest steps, and the run's result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.config import IngestConfig
+from tasks.ingest.labels import LabelTable
+from tasks.ingest.provenance import PhantomInfo
+from tasks.ingest.pseudonym import PseudonymKey
+from tasks.ingest.reader import FileResult
+
+SPLITS = ("train", "val", "test", "external")
+
+
+@dataclass
+class IngestPlan:
+    """Checked inputs of one run. Holds the key and the labels (identity): memory only."""
+
+    cfg: IngestConfig
+    files: list[str]
+    labels: LabelTable
+    key: PseudonymKey
+    phantom: PhantomInfo | None
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Assembled:
+    """The processed dataset in memory, before it is written."""
+
+    images: np.ndarray
+    manifest: pd.DataFrame
+    headers: list[str]
+    quarantined: list[FileResult]
+    internal_site: str
+    internal_site_source: str
+    report: dict[str, Any]
+
+
+@dataclass
+class IngestResult:
+    """What a finished ingest run produced; ``describe()`` is what the CLI prints."""
+
+    output: Path
+    quarantine: Path
+    report_path: Path
+    files_total: int
+    ingested: int
+    quarantined: int
+    splits: dict[str, int]
+    sites: dict[str, int]
+    internal_site: str
+    digest: str
+    elapsed_seconds: float
+    key_origin: str
+    manifest_dtypes: dict[str, str] = field(default_factory=dict)  # column -> numpy kind
+    mlflow_run_id: str | None = None
+
+    def describe(self) -> str:
+        """A short human summary: counts, output, quarantine and report paths."""
+        splits = ", ".join(f"{k} {v}" for k, v in self.splits.items() if v)
+        lines = [
+            f"ingested {self.ingested} of {self.files_total} files into {self.output} "
+            f"({splits}; {len(self.sites)} sites, internal: {self.internal_site})",
+            (f"quarantined {self.quarantined} files into {self.quarantine} (reasons in the "
+             "report)") if self.quarantined else "quarantined 0 files",
+            f"report: {self.report_path}",
+            f"dataset version (DVC hash): {self.digest}",
+        ]
+        if self.mlflow_run_id:
+            lines.append(f"MLflow run: {self.mlflow_run_id}")
+        if self.key_origin == "demo":
+            lines.append("pseudonyms made with the public demo key (phantom data only)")
+        return "\n".join(lines)
