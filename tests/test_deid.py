@@ -26,7 +26,7 @@ KEY = PseudonymKey(b"deid-test-key-0123456789", "env")
 
 
 def _dataset(seed: int = 1, day: dt.date = dt.date(2022, 3, 4)) -> tuple[Dataset, FakeIdentity]:
-    ident = make_identity(seed, "M", 67, "internal", day)
+    ident = make_identity(seed, seed + 1, "M", day - dt.timedelta(days=67 * 365), "internal", day)
     ds = build_dataset(views_for(seed, 64, 32), ident, header_for("alpha", seed, 32))
     # Free text and names in places the PS3.15 table does not list.
     ds.DetectorInformationSequence[0].DetectorDescription = f"calibrated by {ident.operator}"
@@ -207,7 +207,8 @@ def test_header_cache_equals_the_reference_path(tmp_path) -> None:
     cache = HeaderCache(pseudo)
     paths = []
     for i, ts in enumerate(["explicit_le", "implicit_le", "rle", "explicit_le", "jpeg_ls"]):
-        ident = make_identity(i % 2, "M", 67, "internal", dt.date(2022, 3, 4 + i))
+        ident = make_identity(i % 2, 10 + i, "M", dt.date(1955, 1, 1 + i % 2), "internal",
+                              dt.date(2022, 3, 4 + i))
         path = tmp_path / f"f{i}.dcm"
         write_dicom(path, views_for(i, 64, 32), ident, header_for("alpha", i, 32), ts, extras)
         paths.append((path, f"MRN{i % 2}"))

@@ -127,7 +127,7 @@ def write_dicom(path: Path, views: np.ndarray, ident: FakeIdentity, head: StudyH
 
 
 def _identity(seed: int, role: str, day: dt.date) -> FakeIdentity:
-    ident = make_identity(seed, "F", 61, role, day)
+    ident = make_identity(seed, seed + 1, "F", day - dt.timedelta(days=61 * 365), role, day)
     # Six-digit study IDs could turn up by chance inside long numbers; make them distinctive.
     return dataclasses.replace(ident, study_id=f"SID{seed:07d}")
 

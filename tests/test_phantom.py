@@ -22,7 +22,7 @@ SITES = {s.name: s for s in load_config(PARAMS).phantom.sites}
 
 def _spec(**kw) -> StudySpec:
     base = StudySpec(0, 0, 0, "aurelia", 11, "M", 70.0, 1.76, 26.0, 0, False, False,
-                     dt.date(2022, 1, 1))
+                     dt.date(2022, 1, 1), 5, dt.date(1952, 1, 1))
     return dataclasses.replace(base, **kw)
 
 
@@ -83,6 +83,17 @@ def test_site_counts_follow_shares():
     counts = site_counts(2000, sites)
     assert sum(counts) == 2000
     assert counts[0] == 1000 and all(c == 250 for c in counts[1:])
+
+
+def test_follow_up_study_keeps_the_patients_identity(tiny_phantom):
+    labels = pd.read_csv(tiny_phantom / "labels.csv")
+    by_id = {}
+    for f in sorted((tiny_phantom / "dicom").rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        row = labels[labels.study_uid == ds.StudyInstanceUID].iloc[0]
+        assert ds.PatientID == row.patient_id
+        by_id.setdefault(ds.PatientID, set()).add((str(ds.PatientName), ds.PatientBirthDate))
+    assert all(len(v) == 1 for v in by_id.values())  # one name and birth date per patient
 
 
 def test_population_has_follow_ups_and_all_labels():

@@ -222,7 +222,7 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
         cv.tube("front", arr([ac, (s * 0.03 * H * w, 0.59 * H), sym]), 8, U["pubis"])
         isch = (s * 0.047 * H * w, 0.612 * H)
         cv.tube("mid", arr([ac, isch, (s * 0.02 * H * w, 0.615 * H), sym]), 9, U["pubis"])
-        for k in range(4):
+        for _ in range(4):
             t = rng.uniform(0.1, 0.9)
             anchors.add("pelvis", *P(s * (30 + t * 0.045 * H * w), 0.5 * H + t * 0.05 * H),
                         "mid", U["ilium"] * 1.5, side=s)
@@ -310,7 +310,8 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
         knee = (s * (0.047 * H * w + 6 * (hab - 1) * 10), 0.735 * H)
         ankle = (s * 0.045 * H * w, 0.945 * H)
         cv.ellipse("mid", P(*fh), (22 * w, 23 * w), U["femoral_head"] * j[10])
-        cv.tube("mid", arr([fh, (troch[0] - s * 12, troch[1] - 4)]), 14 * w, U["femoral_head"] * 0.9)
+        neck_end = (troch[0] - s * 12, troch[1] - 4)
+        cv.tube("mid", arr([fh, neck_end]), 14 * w, U["femoral_head"] * 0.9)
         cv.ellipse("mid", P(*troch), (15 * w, 20), U["trochanter"] * j[10])
         cv.tube("periph", arr([(troch[0] - s * 10, troch[1] + 18), knee]), [14 * w, 13 * w],
                 U["femur"] * j[11])
@@ -335,8 +336,9 @@ def draw_normal(cv: Canvas, b: Body, rng: np.random.Generator) -> Anchors:
 
         # ---------------- kidneys ----------------
         ky = 0.415 * H + (0.012 * H if s < 0 else 0)
-        cv.ellipse("back", P(s * 62 * w, ky), (27, 52), U["kidney"] * b.kidney_uptake / b.bone_uptake,
-                   angle_deg=-s * 14, profile="dome")
+        kidney = U["kidney"] * b.kidney_uptake / b.bone_uptake
+        cv.ellipse("back", P(s * 62 * w, ky), (27, 52), kidney, angle_deg=-s * 14,
+                   profile="dome")
 
     # facet joints of the lower lumbar spine (degenerative change sits here)
     for name in ("L4", "L5"):

@@ -16,14 +16,14 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     NuclearMedicineImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
-    UID,
     generate_uid,
 )
 

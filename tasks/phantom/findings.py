@@ -98,7 +98,8 @@ def add_metastases(cv: Canvas, anchors: Anchors, rng: np.random.Generator,
         axial = anchors.region("spine", "pelvis", "rib", "sternum", "skull")
         for _ in range(n):
             a = _pick(rng, axial)
-            cv.blob(a.layer, _jitter(rng, a, 8), rng.uniform(6, 14), a.uptake * rng.uniform(0.3, 0.9))
+            cv.blob(a.layer, _jitter(rng, a, 8), rng.uniform(6, 14),
+                    a.uptake * rng.uniform(0.3, 0.9))
         return 0
     n = int(np.clip(np.round(np.exp(rng.normal(np.log(4), 0.9))), 1, 35))
     regions = list(MET_REGIONS)

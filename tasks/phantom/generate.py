@@ -67,7 +67,8 @@ def _render_and_write(args: tuple[list[StudySpec], dict[str, dict], int, int, bo
     for spec in specs:
         site = sites[spec.site]
         views, rec, facts = render_study(spec, site, rows, cols, confounders)
-        ident = make_identity(spec.seed, spec.sex, spec.age, site.role, spec.study_date)
+        ident = make_identity(spec.patient_seed, spec.seed, spec.sex, spec.birth_date, site.role,
+                              spec.study_date)
         cam = site.camera
         head = StudyHeader(
             sex=spec.sex, age_years=int(spec.age), weight_kg=round(facts["weight_kg"], 1),
@@ -124,9 +125,7 @@ def generate_phantom(cfg: PhantomConfig, output: Path | None = None) -> PhantomS
                 for part in pool.map(_render_and_write, jobs):
                     rows += part
         labels = pd.DataFrame(rows).sort_values("study_index")
-        # A patient keeps one hospital ID across studies: take the first study's identity.
-        first_id = labels.groupby("patient_seed")["ident_patient_id"].transform("first")
-        labels["patient_id"] = first_id
+        labels["patient_id"] = labels["ident_patient_id"]
         labels[LABEL_COLUMNS].to_csv(tmp / "labels.csv", index=False)
         montage = write_phantom_montage(tmp, labels, cfg)
         internal = next(s.name for s in cfg.sites if s.role == "internal")

@@ -8,7 +8,9 @@ leak anywhere downstream is detectable by scanning for these exact strings.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from faker import Faker
 
@@ -49,8 +51,24 @@ class FakeIdentity:
             else:
                 out.append(str(value))
                 if "^" in str(value):
-                    out += [p for p in str(value).split("^") if len(p) >= 4]
+                    vocab = _dicom_vocabulary()
+                    out += [p for p in str(value).split("^")
+                            if len(p) >= 4 and p.lower() not in vocab]
         return out
+
+
+@lru_cache(maxsize=1)
+def _dicom_vocabulary() -> frozenset[str]:
+    """Words DICOM itself uses (attribute and UID names: "Little" in "Little Endian").
+
+    A surname that is also such a word legitimately appears in de-identified output, so an
+    audit searches for it only as part of the full name.
+    """
+    from pydicom._dicom_dict import DicomDictionary
+    from pydicom._uid_dict import UID_dictionary
+
+    names = [v[2] for v in DicomDictionary.values()] + [v[0] for v in UID_dictionary.values()]
+    return frozenset(w.lower() for n in names for w in re.findall(r"[A-Za-z]+", n))
 
 
 def _pn(fake: Faker, sex: str) -> str:
@@ -63,35 +81,43 @@ def _doctor(fake: Faker) -> str:
     return f"{fake.last_name()}^{fake.first_name()}^^Dr."
 
 
-def make_identity(seed: int, sex: str, age_years: float, role: str, study_date: dt.date) -> FakeIdentity:
-    """Draw a fake identity deterministically from ``seed``.
+def make_identity(patient_seed: int, study_seed: int, sex: str, birth_date: dt.date,
+                  role: str, study_date: dt.date) -> FakeIdentity:
+    """Draw a fake identity deterministically.
+
+    The person (name, IDs, birth date, address, phone) comes from ``patient_seed`` so that a
+    follow-up study carries the same identity as the first; the visit (physicians,
+    accession number, time, station) comes from ``study_seed``.
 
     Args:
-        seed: per-patient seed; the same seed gives the same identity.
+        patient_seed: per-patient seed.
+        study_seed: per-study seed.
         sex: "M" or "F" (names follow it).
-        age_years: age at the study, used to place the birth date.
+        birth_date: the patient's date of birth.
         role: the site's role; external sites use another locale so names and addresses differ.
         study_date: date of the scan.
     """
-    fake = Faker(_LOCALES.get(role, "en_US"))
-    fake.seed_instance(seed)
-    days = int(round(age_years * 365.25)) + fake.random_int(0, 364)
-    birth = study_date - dt.timedelta(days=days)
-    mrn = f"{fake.random_uppercase_letter()}{fake.random_number(digits=8, fix_len=True)}"
+    locale = _LOCALES.get(role, "en_US")
+    person = Faker(locale)
+    person.seed_instance(patient_seed)
+    visit = Faker(locale)
+    visit.seed_instance(study_seed)
+    mrn = f"{person.random_uppercase_letter()}{person.random_number(digits=8, fix_len=True)}"
     return FakeIdentity(
-        patient_name=_pn(fake, sex),
+        patient_name=_pn(person, sex),
         patient_id=mrn,
-        other_patient_id=f"NHS{fake.random_number(digits=9, fix_len=True)}",
-        birth_date=birth,
-        address=fake.address().replace("\n", ", "),
-        phone=fake.numerify("(###) ###-####"),
-        referring_physician=_doctor(fake),
-        performing_physician=_doctor(fake),
-        operator=f"{fake.last_name()}^{fake.first_name()}",
-        accession_number=f"ACC{fake.random_number(digits=10, fix_len=True)}",
-        study_id=str(fake.random_number(digits=6, fix_len=True)),
+        other_patient_id=f"NHS{person.random_number(digits=9, fix_len=True)}",
+        birth_date=birth_date,
+        address=person.address().replace("\n", ", "),
+        phone=person.numerify("(###) ###-####"),
+        referring_physician=_doctor(visit),
+        performing_physician=_doctor(visit),
+        operator=f"{visit.last_name()}^{visit.first_name()}",
+        accession_number=f"ACC{visit.random_number(digits=10, fix_len=True)}",
+        study_id=str(visit.random_number(digits=6, fix_len=True)),
         study_date=study_date,
-        study_time=f"{fake.random_int(7, 17):02d}{fake.random_int(0, 59):02d}{fake.random_int(0, 59):02d}",
-        station_name=f"NM{fake.random_int(1, 4)}-{fake.lexify('????').upper()}",
+        study_time=(f"{visit.random_int(7, 17):02d}{visit.random_int(0, 59):02d}"
+                    f"{visit.random_int(0, 59):02d}"),
+        station_name=f"NM{visit.random_int(1, 4)}-{visit.lexify('????').upper()}",
         institution_department="Nuclear Medicine",
     )

@@ -34,6 +34,8 @@ class StudySpec:
     metastasis: bool
     superscan: bool
     study_date: dt.date
+    patient_seed: int
+    birth_date: dt.date
 
     @property
     def relpath(self) -> str:
@@ -84,6 +86,8 @@ def sample_studies(cfg: PhantomConfig) -> list[StudySpec]:
             met = bool(prng.random() < pop.metastasis_prevalence)
             superscan = bool(met and prng.random() < pop.superscan_fraction)
             first = dt.date(2019, 1, 1) + dt.timedelta(days=int(prng.integers(0, 5 * 365)))
+            birth = first - dt.timedelta(days=int(age[i] * 365.25))
+            patient_seed = int(prng.integers(0, 2**31 - 1))
             n_studies = 2 if prng.random() < FOLLOW_UP_FRACTION else 1
             for k in range(n_studies):
                 if k == 1:  # follow-up: disease persists or appears, amyloid may progress
@@ -96,6 +100,7 @@ def sample_studies(cfg: PhantomConfig) -> list[StudySpec]:
                     site=site.name, seed=int(prng.integers(0, 2**31 - 1)), sex=str(sex[i]),
                     age=float(age[i] + (date - first).days / 365.25), height_m=float(height[i]),
                     bmi=float(bmi[i]), perugini_grade=grade, metastasis=met,
-                    superscan=superscan, study_date=date))
+                    superscan=superscan, study_date=date, patient_seed=patient_seed,
+                    birth_date=birth))
             patient_index += 1
     return studies
