@@ -54,7 +54,7 @@ def _pool(workers: int, context: WorkerContext) -> ProcessPoolExecutor:
     mp_context.set_forkserver_preload(["tasks.ingest.reader"])
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=mp_context,
-        initializer=init_worker, initargs=(context,),
+        initializer=init_worker, initargs=(context, workers >= (os.cpu_count() or 1) > 1),
     )
 
 
