@@ -39,6 +39,8 @@ def _project_prefect_home() -> None:
     """
     if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
         os.environ["PREFECT_HOME"] = str(Path.cwd() / ".prefect")
+    # No machine here reaches the internet: telemetry only fails and locks the local database.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _load(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Config:
