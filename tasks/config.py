@@ -139,7 +139,8 @@ class IngestConfig(_Strict):
     image_rows: Annotated[int, Field(ge=16, le=4096)] = 256
     image_cols: Annotated[int, Field(ge=8, le=1024)] = 64
     intensity_percentile: Annotated[float, Field(gt=50, le=100)] = Field(
-        99.5, description="Counts at this percentile of both views map to intensity 0.5."
+        99.5,
+        description="This percentile of the area-averaged counts (both views) maps to 0.5.",
     )
     workers: Annotated[int, Field(ge=0, le=64)] = Field(
         0, description="Worker processes; 0 means one per CPU core."

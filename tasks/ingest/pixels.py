@@ -49,6 +49,24 @@ def percentile(values: np.ndarray, q: float) -> float:
     return v_low + (v_high - v_low) * (position - low)
 
 
+def integer_percentile(values: np.ndarray, q: float) -> float:
+    """Exact ``np.percentile(values, q)`` (linear method) for non-negative whole numbers.
+
+    Why: block sums of counts are small whole numbers with many tied zeros, where a counting
+    pass (``np.bincount``) finds both order statistics in one sweep, ~10x faster than a
+    partition.
+    """
+    flat = values.reshape(-1).astype(np.int64, copy=False)
+    n = flat.size
+    position = q / 100.0 * (n - 1)
+    low = math.floor(position)
+    high = min(low + 1, n - 1)
+    cumulative = np.cumsum(np.bincount(flat))
+    v_low = int(np.searchsorted(cumulative, low, side="right"))
+    v_high = int(np.searchsorted(cumulative, high, side="right"))
+    return v_low + (v_high - v_low) * (position - low)
+
+
 def _block_sums(views: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Sum of each fy x fx block of (N, R, C) counts, as float32 (exact below 2**24).
 
@@ -82,30 +100,36 @@ def normalise(views: np.ndarray, q: float, rows: int, cols: int
               ) -> tuple[np.ndarray, float, np.ndarray]:
     """Turn (2, R, C) counts into a float16 (2, rows, cols) intensity image in [0, 1].
 
-    Counts are averaged over each output pixel's area first and scaled afterwards: both are
-    linear, so the order changes only where the clip bites, and averaging counts before
-    clipping is what a lower-resolution camera would have recorded.
+    Counts are first averaged over each output pixel's area (what a lower-resolution camera
+    would have recorded); the intensity reference is the ``q``-th percentile of those
+    averaged counts, both views together. Taking it after averaging makes it independent of
+    the native matrix and far less sensitive to Poisson noise, which at low-count sites
+    inflates the top percentile of single pixels.
 
     Returns:
-        The image, the percentile (the intensity reference, in stored units) and the total
-        counts of each view.
+        The image, the percentile (the intensity reference, in stored units per native
+        pixel) and the total counts of each view.
 
     Raises:
         ValueError: the image is empty (the percentile is not positive).
     """
-    reference = percentile(views, q)
-    if not reference > 0:
-        raise ValueError(f"image is empty: the {q:g}th percentile of the counts is {reference:g}")
     in_rows, in_cols = views.shape[1:]
     integer = np.issubdtype(views.dtype, np.integer) and views.dtype.itemsize <= 2
     if integer and in_rows % rows == 0 and in_cols % cols == 0:
         fy, fx = in_rows // rows, in_cols // cols
         out = _block_sums(views, fy, fx)
         counts = out.reshape(views.shape[0], -1).sum(axis=1, dtype=np.float64)
-        out *= np.float32(REFERENCE_LEVEL / reference / (fy * fx))
+        if views.dtype.kind == "u" or views.min() >= 0:
+            reference = integer_percentile(out.astype(np.int64), q) / (fy * fx)
+        else:
+            reference = percentile(out, q) / (fy * fx)
+        out *= np.float32(1.0 / (fy * fx))
     else:
         counts = views.reshape(views.shape[0], -1).sum(axis=1, dtype=np.float64)
         out = np.stack([area_resize(v, rows, cols) for v in views])
-        out *= np.float32(REFERENCE_LEVEL / reference)
+        reference = percentile(out, q)
+    if not reference > 0:
+        raise ValueError(f"image is empty: the {q:g}th percentile of the counts is {reference:g}")
+    out *= np.float32(REFERENCE_LEVEL / reference)
     np.clip(out, 0.0, 1.0, out=out)
     return out.astype(np.float16), reference, counts
