@@ -70,6 +70,16 @@ class Canvas:
                              np.arange(r0, r1, dtype=np.float32) + 0.0)
         return (slice(r0, r1), slice(c0, c1)), cc, rr
 
+    def _rotated_frame(self, cx: float, cy: float, extent: float, angle_deg: float):
+        """Pixel box around (cx, cy) and each pixel's coordinates along / across ``angle``."""
+        box = self._box(cx - extent, cx + extent, cy - extent, cy + extent)
+        if box is None:
+            return None
+        sl, cc, rr = box
+        th = np.deg2rad(angle_deg)
+        du, dv = cc - cx, rr - cy
+        return sl, du * np.cos(th) + dv * np.sin(th), -du * np.sin(th) + dv * np.cos(th)
+
     # --- primitives (all coordinates in mm, values are activity per unit area) -------------
     def tube(self, layer: str, pts_mm: np.ndarray, radius_mm, value, profile: str = "dome",
              soft: float = 0.8) -> None:
@@ -122,15 +132,10 @@ class Canvas:
         """
         cx, cy = self.to_px(*center_mm)
         a, b = axes_mm[0] / self.pixel_mm, axes_mm[1] / self.pixel_mm
-        ext = max(a, b) + 2
-        box = self._box(cx - ext, cx + ext, cy - ext, cy + ext)
-        if box is None:
+        frame = self._rotated_frame(cx, cy, max(a, b) + 2, angle_deg)
+        if frame is None:
             return
-        sl, cc, rr = box
-        th = np.deg2rad(angle_deg)
-        du, dv = cc - cx, rr - cy
-        u = du * np.cos(th) + dv * np.sin(th)
-        v = -du * np.sin(th) + dv * np.cos(th)
+        sl, u, v = frame
         rho = (np.abs(u / a) ** power + np.abs(v / b) ** power) ** (1.0 / power)
         edge = _smooth_edge((1 - rho) * min(a, b), 0.8)
         if profile == "flat":
@@ -171,15 +176,10 @@ class Canvas:
         sx, sy = (sigma_mm, sigma_mm) if np.isscalar(sigma_mm) else sigma_mm
         cx, cy = self.to_px(*center_mm)
         sxp, syp = sx / self.pixel_mm, sy / self.pixel_mm
-        ext = 3.2 * max(sxp, syp) + 1
-        box = self._box(cx - ext, cx + ext, cy - ext, cy + ext)
-        if box is None:
+        frame = self._rotated_frame(cx, cy, 3.2 * max(sxp, syp) + 1, angle_deg)
+        if frame is None:
             return
-        sl, cc, rr = box
-        th = np.deg2rad(angle_deg)
-        du, dv = cc - cx, rr - cy
-        u = du * np.cos(th) + dv * np.sin(th)
-        v = -du * np.sin(th) + dv * np.cos(th)
+        sl, u, v = frame
         g = np.exp(-0.5 * ((u / sxp) ** 2 + (v / syp) ** 2))
         self.layers[layer][sl] += (value * g).astype(np.float32)
 
