@@ -60,7 +60,7 @@ def write_phantom_montage(root: Path, labels: pd.DataFrame, cfg: PhantomConfig) 
             row = match.iloc[0]
             ds = pydicom.dcmread(root / "dicom" / row.relpath)
             ax.imshow(display_pair(ds.pixel_array), cmap="gray_r", vmin=0, vmax=1,
-                      interpolation="lanczos")
+                      interpolation="antialiased")
             ax.set_xlabel(f"{row.sex} {row.age}y BMI {row.bmi:.0f}", fontsize=7)
     fig.suptitle("synthdx phantom: anterior | posterior per site and finding", fontsize=11)
     fig.tight_layout()
