@@ -1,0 +1,235 @@
+"""Fast CPU tests of the conditional diffusion building blocks (models/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.conditioning import ConditionEmbedding, ConditionSpec
+from models.data import DiffusionDataModule, ProcessedImages
+from models.diffusion import DiffusionModule, build_unet, warmup_cosine
+from models.sampling import sample
+
+ROWS, COLS = 32, 16
+TINY = dict(channels=(16, 32), attention_levels=(False, False), num_res_blocks=1,
+            num_head_channels=16, norm_num_groups=8)
+TIMESTEPS = 50
+
+
+def _make_dataset(root: Path, n: int = 24) -> Path:
+    """A processed folder whose images get brighter with grade and spottier with metastasis."""
+    rng = np.random.default_rng(0)
+    grades = np.arange(n) % 4
+    mets = (np.arange(n) // 4) % 2 == 1
+    images = np.zeros((n, 2, ROWS, COLS), dtype=np.float32)
+    for i in range(n):
+        body = np.zeros((ROWS, COLS), dtype=np.float32)
+        body[2:-2, 5:-5] = 0.2 + 0.15 * grades[i]
+        if mets[i]:
+            body[8:11, 6:9] = 1.0
+        images[i, 0] = body
+        images[i, 1] = body[:, ::-1]
+    images = np.clip(images + rng.normal(0, 0.02, images.shape), 0, 1).astype(np.float16)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "images.npy", images)
+    split = ["train"] * 16 + ["val"] * 4 + ["test"] * 4
+    manifest = pd.DataFrame({
+        "index": np.arange(n),
+        "split": split,
+        "site": ["site_b" if i % 3 else "site_a" for i in range(n)],
+        "sex": [["M", "F", "O", None][i % 4] for i in range(n)],
+        "perugini_grade": grades.astype(np.int64),
+        "metastasis": mets,
+        "amyloid": grades >= 2,
+    })
+    manifest.to_parquet(root / "manifest.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_dataset(tmp_path_factory.mktemp("processed") / "processed")
+
+
+@pytest.fixture(scope="module")
+def spec() -> ConditionSpec:
+    return ConditionSpec.build(["perugini_grade", "metastasis"])
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(root: Path, spec: ConditionSpec, steps: int, seed: int = 0
+         ) -> tuple[DiffusionModule, list[float], dict[str, torch.Tensor]]:
+    L.seed_everything(seed, workers=True)
+    module = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS, cond_dropout=0.2,
+                             lr=2e-3, warmup_steps=3, max_steps=steps)
+    data = DiffusionDataModule(root, spec, (ROWS, COLS), batch_size=8, num_workers=0)
+    recorder = _LossRecorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, deterministic=True,
+                        num_sanity_val_steps=0, limit_val_batches=1, callbacks=[recorder])
+    trainer.fit(module, datamodule=data)
+    return module, recorder.losses, dict(trainer.callback_metrics)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, spec: ConditionSpec
+            ) -> tuple[DiffusionModule, list[float], dict[str, torch.Tensor]]:
+    return _fit(dataset, spec, steps=30)
+
+
+# --- conditioning -------------------------------------------------------------------------
+
+
+def test_spec_encodes_rows_with_sorted_sites_and_null_for_unknown_sex() -> None:
+    rows = pd.DataFrame({"perugini_grade": [3, 0, 1], "metastasis": [True, False, False],
+                         "site": ["zeta", "alpha", "zeta"], "sex": ["M", None, "O"]})
+    spec = ConditionSpec.from_manifest(rows, ["perugini_grade", "metastasis", "site", "sex"])
+    assert spec.cardinalities == [4, 2, 2, 2]
+    assert spec.encode(rows).tolist() == [[3, 1, 1, 1], [0, 0, 0, 2], [1, 0, 1, 2]]
+    assert spec.null(3).tolist() == [[4, 2, 2, 2]] * 3
+    assert ConditionSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="perugini_grade"):
+        spec.encode_row({"perugini_grade": 7, "metastasis": 0, "site": "alpha", "sex": "F"})
+    with pytest.raises(ValueError, match="metastasis.*missing"):
+        spec.encode_row({"perugini_grade": 1, "metastasis": None, "site": "alpha", "sex": "F"})
+
+
+def test_condition_embedding_replaces_monai_class_embedding(spec: ConditionSpec) -> None:
+    torch.manual_seed(0)
+    unet = build_unet(**TINY, spec=spec)
+    assert isinstance(unet.class_embedding, ConditionEmbedding)
+    assert unet.class_embedding.dim == TINY["channels"][0] * 4
+    # MONAI zero-initialises the output conv (and each resblock's last conv), so an untrained
+    # UNet outputs zeros whatever the condition; give those layers weights to see through.
+    for name, param in unet.named_parameters():
+        if param.abs().sum() == 0 and name.endswith("weight"):
+            torch.nn.init.normal_(param, std=0.05)
+    x = torch.randn(2, 2, ROWS, COLS)
+    t = torch.tensor([10, 10])
+    real = torch.tensor([[3, 1], [3, 1]])
+    unet.eval()
+    with torch.no_grad():
+        out_real = unet(x, t, class_labels=real)
+        out_null = unet(x, t, class_labels=spec.null(2))
+        out_other = unet(x, t, class_labels=torch.tensor([[0, 0], [0, 0]]))
+    assert out_real.shape == x.shape
+    assert not torch.allclose(out_real, out_null)
+    assert not torch.allclose(out_real, out_other)
+    emb = unet.class_embedding(real)
+    expected = unet.class_embedding.tables[0](real[:, 0]) + unet.class_embedding.tables[1](
+        real[:, 1])
+    torch.testing.assert_close(emb, expected)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def test_processed_images_reads_split_and_resizes(dataset: Path, spec: ConditionSpec) -> None:
+    full = ProcessedImages(dataset, "val", spec)
+    item = full[0]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (2, ROWS, COLS)
+    assert item["index"] == 16 and item["cond"].tolist() == [0, 0]
+    small = ProcessedImages(dataset, "val", spec, size=(16, 8))[0]["image"]
+    assert small.shape == (2, 16, 8)
+    torch.testing.assert_close(small.mean(), item["image"].mean(), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="no images"):
+        ProcessedImages(dataset, "external", spec)
+
+
+def test_datamodule_augments_train_within_range(dataset: Path) -> None:
+    L.seed_everything(1)
+    names = ["perugini_grade", "metastasis", "site", "sex"]
+    spec = ConditionSpec.from_manifest(pd.read_parquet(dataset / "manifest.parquet"), names)
+    data = DiffusionDataModule(dataset, spec, (ROWS, COLS), batch_size=8)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (8, 2, ROWS, COLS) and batch["cond"].shape == (8, 4)
+    assert type(batch["image"]) is torch.Tensor
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+    assert not any("Flip" in type(t).__name__ for t in data.train_set.transform.transforms)
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def test_warmup_cosine_schedule() -> None:
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_training_lowers_loss_and_logs(trained) -> None:  # noqa: ANN001
+    module, losses, metrics = trained
+    assert len(losses) == 30
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, losses
+    assert {"train/loss_step", "lr", "val/loss"} <= set(metrics)
+    assert module.hparams["spec"] == module.spec.to_dict()
+
+
+def test_training_is_deterministic(dataset: Path, spec: ConditionSpec) -> None:
+    _, a, _ = _fit(dataset, spec, steps=3, seed=7)
+    _, b, _ = _fit(dataset, spec, steps=3, seed=7)
+    assert a == b
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+
+def _sample(module: DiffusionModule, kind: str, cond: list[list[int]], seeds: list[int],
+            scale: float = 3.0) -> torch.Tensor:
+    steps = 10 if kind == "ddim" else TIMESTEPS
+    return sample(module.unet, kind, steps, torch.tensor(cond), scale, seeds, (2, ROWS, COLS),
+                  "cpu", null_cond=module.spec.null_indices, **module.noise_schedule)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_sampling_is_reproducible_per_seed(trained, kind: str) -> None:  # noqa: ANN001
+    module = trained[0]
+    pair = _sample(module, kind, [[1, 0], [3, 1]], [11, 22])
+    assert pair.shape == (2, 2, ROWS, COLS)
+    assert pair.min() >= 0 and pair.max() <= 1
+    alone = _sample(module, kind, [[3, 1]], [22])
+    moved = _sample(module, kind, [[3, 1], [0, 0], [1, 0]], [22, 5, 11])
+    torch.testing.assert_close(alone[0], pair[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved[0], pair[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved[2], pair[0], atol=1e-5, rtol=0)
+    other_seed = _sample(module, kind, [[3, 1]], [23])
+    assert (other_seed[0] - pair[1]).abs().mean() > 1e-2
+
+
+def test_guidance_follows_condition(trained) -> None:  # noqa: ANN001
+    module = trained[0]
+    out = _sample(module, "ddim", [[0, 0], [3, 1]], [5, 5], scale=3.0)
+    assert (out[0] - out[1]).abs().mean() > 1e-3
+    unconditional = _sample(module, "ddim", [[0, 0], [3, 1]], [5, 5], scale=0.0)
+    torch.testing.assert_close(unconditional[0], unconditional[1], atol=1e-6, rtol=0)
+
+
+def test_hyperparameters_rebuild_the_model(trained) -> None:  # noqa: ANN001
+    module = trained[0]
+    rebuilt = DiffusionModule(**dict(module.hparams))
+    rebuilt.load_state_dict(module.state_dict())
+    assert rebuilt.spec == module.spec and rebuilt.noise_schedule == module.noise_schedule
+
+
+def test_sampling_rejects_bad_requests(trained) -> None:  # noqa: ANN001
+    module = trained[0]
+    with pytest.raises(ValueError, match="len\\(seeds\\)"):
+        _sample(module, "ddim", [[0, 0]], [1, 2])
+    with pytest.raises(ValueError, match="DDPM"):
+        sample(module.unet, "ddpm", 5, torch.tensor([[0, 0]]), 1.0, [1], (2, ROWS, COLS), "cpu",
+               null_cond=module.spec.null_indices, **module.noise_schedule)
