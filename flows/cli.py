@@ -121,6 +121,31 @@ def ingest_cmd(
     typer.echo(result.describe())
 
 
+@app.command("train-diffusion")
+def train_diffusion_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    max_steps: Annotated[int | None, typer.Option(help="Train up to this step.")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume/--no-resume", help="Continue from the last checkpoint if there is one.")] = None,
+) -> None:
+    """Train the class-conditional diffusion model on the processed training split."""
+    extra = []
+    if max_steps is not None:
+        extra.append(f"diffusion.max_steps={max_steps}")
+    if resume is not None:
+        extra.append(f"diffusion.resume={str(resume).lower()}")
+    cfg = _load(params, set_, extra)
+    _project_prefect_home()
+    from flows.train_diffusion import train_diffusion_flow
+
+    try:
+        summary = train_diffusion_flow(cfg)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(summary.describe())
+
+
 def main() -> None:
     """Entry point for ``python -m flows.cli``."""
     app()

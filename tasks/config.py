@@ -165,6 +165,58 @@ class IngestConfig(_Strict):
         return self
 
 
+class DiffusionNetworkConfig(_Strict):
+    """MONAI DiffusionModelUNet shape (2-D, the two views as channels)."""
+
+    channels: list[Annotated[int, Field(ge=4)]] = [32, 64, 64]
+    attention_levels: list[bool] = [False, False, True]
+    num_res_blocks: Annotated[int, Field(ge=1, le=8)] = 1
+    num_head_channels: Annotated[int, Field(ge=4)] = 32
+    norm_num_groups: Annotated[int, Field(ge=1)] = 16
+
+    @model_validator(mode="after")
+    def _levels(self) -> DiffusionNetworkConfig:
+        if len(self.channels) != len(self.attention_levels):
+            raise ValueError("channels and attention_levels need one entry per level")
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError("every channel count must be a multiple of norm_num_groups")
+        return self
+
+
+class DiffusionConfig(_Strict):
+    """Class-conditional diffusion training (stage train_diffusion)."""
+
+    output: Path = Field(Path("data/diffusion"), description="Final model (DVC output).")
+    work_dir: Path = Field(Path("data/diffusion_work"),
+                           description="Checkpoints kept across killed runs, for resume.")
+    image_rows: Annotated[int, Field(ge=16, le=2048)] = 128
+    image_cols: Annotated[int, Field(ge=8, le=512)] = 32
+    conditions: list[Literal["perugini_grade", "metastasis", "amyloid", "sex", "site"]] = [
+        "perugini_grade", "metastasis"]
+    cond_dropout: Fraction = 0.1
+    network: DiffusionNetworkConfig = DiffusionNetworkConfig()
+    num_train_timesteps: Annotated[int, Field(ge=10, le=4000)] = 1000
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "scaled_linear_beta"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    lr: PositiveFloat = 2e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    max_steps: Annotated[int, Field(ge=1)] = 400
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    gradient_clip_val: Annotated[float, Field(ge=0.0)] = 1.0
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU, 32-true on the CPU.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: Annotated[int, Field(ge=1)] = 1
+    strategy: str = "auto"
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    checkpoint_every_n_steps: Annotated[int, Field(ge=1)] = 100
+    log_every_n_steps: Annotated[int, Field(ge=1)] = 10
+    resume: bool = True
+    augment: bool = True
+    seed: int = 1234
+
+
 class MlflowConfig(_Strict):
     """Where runs are tracked; MLFLOW_TRACKING_URI overrides the default SQLite store."""
 
@@ -188,6 +240,7 @@ class Config(_Strict):
     mlflow: MlflowConfig = MlflowConfig()
     phantom: PhantomConfig
     ingest: IngestConfig = IngestConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
 
 
 def _parse_value(raw: str) -> Any:

@@ -37,8 +37,9 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     root.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "tasks", root / "tasks",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("tasks", "models"):
+        shutil.copytree(REPO / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["phantom"].update(patients=12, rows=512, cols=128, workers=1)
     params["ingest"]["workers"] = 1
@@ -67,5 +68,5 @@ def test_dvc_repro_builds_both_stages_then_does_nothing(project):
     assert set(lock["stages"]) == {"phantom", "ingest"}
     second = _run([dvc, "repro", "ingest"], root, env)
     assert "Running stage" not in second.stdout
-    status = _run([dvc, "status"], root, env)
+    status = _run([dvc, "status", "ingest"], root, env)
     assert "up to date" in status.stdout.lower()

@@ -1,0 +1,178 @@
+"""Train the class-conditional diffusion model on the processed dataset's training split.
+
+Lightning does the loop: precision (bf16-mixed on a GPU, fp32 on the CPU), DDP across
+devices and nodes, gradient clipping, EMA of the weights (``EMAWeightAveraging``), periodic
+checkpoints with ``last.ckpt``, and resume from it with the same optimiser, EMA and step.
+Checkpoints live in ``diffusion.work_dir`` so a killed run keeps them; the final EMA model is
+written atomically into ``diffusion.output`` by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from models.conditioning import ConditionSpec
+from models.data import DiffusionDataModule, read_manifest
+from models.diffusion import DiffusionModule
+from tasks.common.atomic import atomic_dir
+from tasks.common.tracking import PARENT_ENV
+from tasks.config import Config, DiffusionConfig
+
+MODEL_NAME = "model.pt"
+SUMMARY_NAME = "train_summary.json"
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a training run produced."""
+
+    output: Path
+    global_step: int
+    resumed_from: Path | None
+    final_loss: float | None
+    seconds: float
+    images_per_second: float
+    mlflow_run_id: str | None
+
+    def describe(self) -> str:
+        """One short paragraph for the CLI."""
+        resumed = f" (resumed from {self.resumed_from})" if self.resumed_from else ""
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        return (f"train_diffusion: {self.global_step} steps{resumed} in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} images/s), final loss {loss}\n"
+                f"  model: {self.output / MODEL_NAME}\n  MLflow run: {self.mlflow_run_id}")
+
+
+def resolve_precision(cfg: DiffusionConfig) -> str:
+    """``auto`` means bf16 mixed precision on a CUDA GPU and full fp32 on the CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (
+        cfg.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
+    """The LightningModule from the diffusion parameters."""
+    net = cfg.network
+    return DiffusionModule(
+        spec, channels=net.channels, attention_levels=net.attention_levels,
+        num_res_blocks=net.num_res_blocks, num_head_channels=net.num_head_channels,
+        norm_num_groups=net.norm_num_groups, num_train_timesteps=cfg.num_train_timesteps,
+        schedule=cfg.schedule, cond_dropout=cfg.cond_dropout, lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed)
+
+
+def _logger(cfg: Config, run_tags: dict[str, str]) -> MLFlowLogger:
+    import os
+
+    tags = {"synthdx.stage": "train_diffusion", **run_tags}
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    # Always an explicit URI: MLflow >= 3.13 refuses the ./mlruns default Lightning would use.
+    return MLFlowLogger(experiment_name=cfg.mlflow.experiment, run_name="train_diffusion",
+                        tracking_uri=cfg.mlflow.resolved_uri(), tags=tags, log_model=False)
+
+
+def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
+    """Train (or resume training) and write the final EMA model.
+
+    Args:
+        cfg: the validated parameters (``diffusion`` and ``mlflow`` sections are used).
+        processed: processed dataset folder (default ``ingest.output``).
+    """
+    d = cfg.diffusion
+    processed = Path(processed or cfg.ingest.output)
+    L.seed_everything(d.seed, workers=True)
+    spec = ConditionSpec.from_manifest(read_manifest(processed), d.conditions)
+    data = DiffusionDataModule(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
+                               d.num_workers, d.augment)
+    module = build_module(d, spec)
+    ckpt_dir = Path(d.work_dir) / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                 every_n_train_steps=d.checkpoint_every_n_steps)
+    logger = _logger(cfg, {"synthdx.processed": str(processed)})
+    trainer = L.Trainer(
+        accelerator=d.accelerator, devices=d.devices, num_nodes=d.num_nodes,
+        strategy=d.strategy, precision=resolve_precision(d), max_steps=d.max_steps,
+        gradient_clip_val=d.gradient_clip_val or None, logger=logger,
+        callbacks=[checkpoint, EMAWeightAveraging(decay=d.ema_decay)],
+        log_every_n_steps=d.log_every_n_steps, default_root_dir=d.work_dir,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    last = ckpt_dir / "last.ckpt"
+    resume, start_step = _resumable(last, module) if d.resume else (None, 0)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    seconds = time.perf_counter() - started
+    # Save "last" at the very end too, so a later resume with more steps starts from here.
+    trainer.save_checkpoint(last)
+    steps = trainer.global_step - start_step
+    ips = steps * d.batch_size * trainer.world_size / max(seconds, 1e-9)
+    loss = trainer.callback_metrics.get("train/loss")
+    summary = TrainSummary(
+        output=Path(d.output), global_step=trainer.global_step, resumed_from=resume,
+        final_loss=float(loss) if loss is not None else None, seconds=seconds,
+        images_per_second=ips, mlflow_run_id=logger.run_id)
+    if trainer.is_global_zero:
+        logger.log_metrics({"train/images_per_second": ips}, step=trainer.global_step)
+        _write_model(module, summary, d)
+    return summary
+
+
+RESUME_FREE_HPARAMS = {"max_steps"}
+"""Hyper-parameters a resumed run may change (train longer); any other change starts afresh."""
+
+
+def _resumable(last: Path, module: DiffusionModule) -> tuple[Path | None, int]:
+    """The checkpoint to resume from and its step, if it belongs to the same model.
+
+    A checkpoint from a run with another network, schedule or condition set cannot be
+    continued (the weights would not fit, or would silently mean something else); it is moved
+    aside as ``last.stale-<step>.ckpt`` and training starts from step 0.
+    """
+    if not last.is_file():
+        return None, 0
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    saved = dict(state.get("hyper_parameters", {}))
+    wanted = dict(module.hparams)
+    differs = sorted(k for k in set(saved) | set(wanted)
+                     if k not in RESUME_FREE_HPARAMS and saved.get(k) != wanted.get(k))
+    step = int(state.get("global_step", 0))
+    if differs:
+        last.rename(last.with_name(f"last.stale-{step}.ckpt"))
+        return None, 0
+    return last, step
+
+
+def _write_model(module: DiffusionModule, summary: TrainSummary, cfg: DiffusionConfig) -> None:
+    """The EMA weights (the module holds them after fit) plus what is needed to rebuild it."""
+    payload: dict[str, Any] = {"hparams": dict(module.hparams),
+                               "state_dict": {k: v.detach().cpu()
+                                              for k, v in module.state_dict().items()},
+                               "image_size": [cfg.image_rows, cfg.image_cols],
+                               "global_step": summary.global_step}
+    with atomic_dir(Path(cfg.output)) as tmp:
+        torch.save(payload, tmp / MODEL_NAME)
+        (tmp / SUMMARY_NAME).write_text(json.dumps({
+            "global_step": summary.global_step, "final_loss": summary.final_loss,
+            "seconds": summary.seconds, "images_per_second": summary.images_per_second,
+            "resumed_from": str(summary.resumed_from) if summary.resumed_from else None,
+            "mlflow_run_id": summary.mlflow_run_id}, indent=2))
+
+
+def load_model(output: Path) -> DiffusionModule:
+    """Rebuild the trained module (EMA weights) from ``diffusion.output``."""
+    payload = torch.load(Path(output) / MODEL_NAME, map_location="cpu", weights_only=False)
+    module = DiffusionModule(**payload["hparams"])
+    module.load_state_dict(payload["state_dict"])
+    return module.eval()

@@ -1,0 +1,71 @@
+"""The train_diffusion stage: a real Lightning run on a tiny dataset, then a resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import torch
+
+from models.sampling import sample
+from tasks.config import load_config
+from tasks.diffusion.train import MODEL_NAME, load_model, resolve_precision, train_diffusion
+from tests.conftest import PARAMS
+from tests.test_diffusion_models import COLS, ROWS, _make_dataset
+
+
+def _cfg(tmp_path: Path, max_steps: int):
+    return load_config(PARAMS, [
+        f"diffusion.output={tmp_path / 'model'}", f"diffusion.work_dir={tmp_path / 'work'}",
+        f"diffusion.image_rows={ROWS}", f"diffusion.image_cols={COLS}",
+        "diffusion.network.channels=[16, 32]", "diffusion.network.attention_levels=[false, false]",
+        "diffusion.network.norm_num_groups=8", "diffusion.network.num_head_channels=16",
+        "diffusion.num_train_timesteps=50", "diffusion.batch_size=4", "diffusion.warmup_steps=2",
+        f"diffusion.max_steps={max_steps}", "diffusion.checkpoint_every_n_steps=3",
+        "diffusion.log_every_n_steps=1", "diffusion.accelerator=cpu"])
+
+
+def test_precision_is_fp32_on_cpu():
+    cfg = load_config(PARAMS, ["diffusion.accelerator=cpu"])
+    assert resolve_precision(cfg.diffusion) == "32-true"
+    gpu = load_config(PARAMS, ["diffusion.accelerator=gpu"])
+    assert resolve_precision(gpu.diffusion) == "bf16-mixed"
+
+
+def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
+    data = _make_dataset(tmp_path / "processed")
+    first = train_diffusion(_cfg(tmp_path, 6), processed=data)
+    assert first.global_step == 6 and first.resumed_from is None
+    assert (tmp_path / "model" / MODEL_NAME).is_file()
+    last = tmp_path / "work" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6 and state["optimizer_states"]
+    assert any("WeightAveraging" in k for k in state["callbacks"])  # EMA state is saved
+
+    second = train_diffusion(_cfg(tmp_path, 10), processed=data)
+    assert second.resumed_from == last
+    assert second.global_step == 10
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 10
+
+    runs = mlflow.search_runs(experiment_names=["synthdx"], output_format="list")
+    assert len(runs) == 2 and all(r.data.tags["synthdx.stage"] == "train_diffusion"
+                                  for r in runs)
+    assert all({"train/loss_step", "lr", "train/images_per_second"} <= set(r.data.metrics)
+               for r in runs)
+    assert any(r.data.params.get("cond_dropout") == "0.1" for r in runs)
+
+    module = load_model(tmp_path / "model")
+    images = sample(module.unet, "ddim", 5, torch.tensor([[2, 1]]), 2.0, [7], (2, ROWS, COLS),
+                    "cpu", null_cond=module.spec.null_indices, num_train_timesteps=50)
+    assert images.shape == (1, 2, ROWS, COLS)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+
+def test_checkpoint_of_another_model_is_not_resumed(tmp_path, mlflow_uri):
+    data = _make_dataset(tmp_path / "processed")
+    train_diffusion(_cfg(tmp_path, 3), processed=data)
+    other = _cfg(tmp_path, 3).model_copy(deep=True)
+    other.diffusion.cond_dropout = 0.3
+    summary = train_diffusion(other, processed=data)
+    assert summary.resumed_from is None and summary.global_step == 3
+    assert (tmp_path / "work" / "checkpoints" / "last.stale-3.ckpt").is_file()
