@@ -138,9 +138,13 @@ def train_diffusion_cmd(
     cfg = _load(params, set_, extra)
     _project_prefect_home()
     from flows.train_diffusion import train_diffusion_flow
+    from tasks.diffusion.train import train_diffusion
 
+    # Lightning's DDP launcher re-runs this command for the other local ranks; only rank 0
+    # is the stage's Prefect flow run, the others just join the process group.
+    worker_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0
     try:
-        summary = train_diffusion_flow(cfg)
+        summary = train_diffusion(cfg) if worker_rank else train_diffusion_flow(cfg)
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(summary.describe())
