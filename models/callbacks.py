@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 
 
 class DataLedger(L.Callback):
@@ -33,3 +35,89 @@ class DataLedger(L.Callback):
                                     "world_size": trainer.world_size,
                                     "global_step": trainer.global_step,
                                     "rows": self.seen}))
+
+
+class SampleGrid(L.Callback):
+    """Sample one image per finding class with fixed seeds and hand the grid to the logger.
+
+    Why: the loss says little about whether samples look like bone scans; a grid per class
+    every few epochs, in the MLflow run, does. Only rank 0 samples. Classes are the
+    combinations of the Perugini grade and metastasis factors present in the condition spec;
+    any other factor (site, sex) is left unconditioned.
+    """
+
+    def __init__(self, folder: str | Path, every_n_epochs: int = 5, steps: int = 20,
+                 guidance_scale: float = 2.0, seed: int = 0) -> None:
+        self.folder = Path(folder)
+        self.every_n_epochs = every_n_epochs
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+
+    def _classes(self, pl_module: Any) -> tuple[list[str], torch.Tensor]:
+        spec = pl_module.spec
+        grades = range(4) if "perugini_grade" in spec.names else [None]
+        mets = (False, True) if "metastasis" in spec.names else (None,)
+        labels, rows = [], []
+        for g in grades:
+            for m in mets:
+                row = {n: None for n in spec.names}
+                if g is not None:
+                    row["perugini_grade"] = g
+                if m is not None:
+                    row["metastasis"] = m
+                codes = [f.index_of(row[f.name]) if row[f.name] is not None else f.null_index
+                         for f in spec.factors]
+                rows.append(codes)
+                labels.append(" ".join(p for p in (f"P{g}" if g is not None else "",
+                                                   ("met" if m else "no met") if m is not None
+                                                   else "") if p))
+        return labels, torch.tensor(rows, dtype=torch.long)
+
+    def render(self, trainer: L.Trainer, pl_module: Any, tag: str) -> Path | None:
+        """Sample the grid, write ``samples_<tag>.png`` and log it if the logger can."""
+        if not trainer.is_global_zero:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from models.sampling import sample
+
+        labels, cond = self._classes(pl_module)
+        size = tuple(trainer.datamodule.size) if trainer.datamodule is not None else (64, 16)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = sample(pl_module.unet, "ddim", self.steps, cond.to(pl_module.device),
+                            self.guidance_scale, [self.seed + i for i in range(len(labels))],
+                            (2, *size), pl_module.device, null_cond=pl_module.spec.null_indices,
+                            **pl_module.noise_schedule).float().cpu().numpy()
+        pl_module.train(was_training)
+        fig, axes = plt.subplots(1, len(labels), figsize=(1.2 * len(labels), 3.2), squeeze=False)
+        for ax, label, image in zip(axes[0], labels, images, strict=True):
+            pair = np.concatenate([image[0], np.zeros((image.shape[1], 2)), image[1]], axis=1)
+            ax.imshow(pair, cmap="gray_r", vmin=0, vmax=1)
+            ax.set_title(label, fontsize=7)
+            ax.axis("off")
+        fig.suptitle(f"samples at step {trainer.global_step} (DDIM {self.steps}, "
+                     f"guidance {self.guidance_scale})", fontsize=8)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"samples_{tag}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment,
+                                                                        "log_artifact"):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="samples")
+        return path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every ``every_n_epochs`` epochs."""
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.render(trainer, pl_module, f"epoch{trainer.current_epoch + 1:04d}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Once more with the final (EMA) weights."""
+        self.render(trainer, pl_module, "final")

@@ -212,6 +212,8 @@ class DiffusionConfig(_Strict):
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     checkpoint_every_n_steps: Annotated[int, Field(ge=1)] = 100
     log_every_n_steps: Annotated[int, Field(ge=1)] = 10
+    sample_every_n_epochs: Annotated[int, Field(ge=1)] = Field(
+        5, description="A grid of samples per class goes to MLflow this often (and at the end).")
     resume: bool = True
     augment: bool = True
     seed: int = 1234

@@ -54,6 +54,12 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
                for r in runs)
     assert any(r.data.params.get("cond_dropout") == "0.1" for r in runs)
 
+    grid = tmp_path / "work" / "samples" / "samples_final.png"
+    assert grid.is_file() and grid.stat().st_size > 5_000
+    client = mlflow.MlflowClient()
+    logged = [a.path for r in runs for a in client.list_artifacts(r.info.run_id, "samples")]
+    assert "samples/samples_final.png" in logged
+
     module = load_model(tmp_path / "model")
     images = sample(module.unet, "ddim", 5, torch.tensor([[2, 1]]), 2.0, [7], (2, ROWS, COLS),
                     "cpu", null_cond=module.spec.null_indices, num_train_timesteps=50)

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from models.callbacks import DataLedger
+from models.callbacks import DataLedger, SampleGrid
 from models.conditioning import ConditionSpec
 from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
@@ -107,7 +107,9 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
         strategy=d.strategy, precision=resolve_precision(d), max_steps=d.max_steps,
         gradient_clip_val=d.gradient_clip_val or None, logger=logger,
         callbacks=[checkpoint, EMAWeightAveraging(decay=d.ema_decay),
-                   DataLedger(Path(d.work_dir) / "ledger")],
+                   DataLedger(Path(d.work_dir) / "ledger"),
+                   SampleGrid(Path(d.work_dir) / "samples", d.sample_every_n_epochs,
+                              seed=d.seed)],
         log_every_n_steps=d.log_every_n_steps, default_root_dir=d.work_dir,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
