@@ -52,6 +52,21 @@ def _load(params: Path, overrides: list[str] | None, extra: list[str] | None = N
         raise typer.Exit(code=2) from None
 
 
+def _options(section: str, **values: object) -> list[str]:
+    """Turn the command's own options into ``section.key=value`` overrides (None = not given).
+
+    Why: command options are shorthands for parameters, so they go through the same
+    validation as ``--set`` and a run stays reproducible from params + overrides.
+    """
+    out = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        out.append(f"{section}.{key}={text}")
+    return out
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=code)
@@ -73,14 +88,7 @@ def phantom_cmd(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
 ) -> None:
     """Write the built-in multi-site bone-scan dataset (DICOM + labels.csv + montage)."""
-    extra = []
-    if output is not None:
-        extra.append(f"phantom.output={output}")
-    if patients is not None:
-        extra.append(f"phantom.patients={patients}")
-    if seed is not None:
-        extra.append(f"phantom.seed={seed}")
-    cfg = _load(params, set_, extra)
+    cfg = _load(params, set_, _options("phantom", output=output, patients=patients, seed=seed))
     _project_prefect_home()
     from flows.phantom import phantom_flow
 
@@ -102,14 +110,8 @@ def ingest_cmd(
     workers: Annotated[int | None, typer.Option(help="Worker processes (0 = all cores).")] = None,
 ) -> None:
     """De-identify, validate and normalise a DICOM archive into the processed dataset."""
-    extra = []
-    for key, value in (("source", source), ("labels", labels), ("output", output),
-                       ("workers", workers)):
-        if value is not None:
-            extra.append(f"ingest.{key}={value}")
-    if strict:
-        extra.append("ingest.strict=true")
-    cfg = _load(params, set_, extra)
+    cfg = _load(params, set_, _options("ingest", source=source, labels=labels, output=output,
+                                       workers=workers, strict=True if strict else None))
     _project_prefect_home()
     from flows.ingest import ingest_flow
     from tasks.ingest.errors import IngestError
@@ -130,12 +132,7 @@ def train_diffusion_cmd(
         "--resume/--no-resume", help="Continue from the last checkpoint if there is one.")] = None,
 ) -> None:
     """Train the class-conditional diffusion model on the processed training split."""
-    extra = []
-    if max_steps is not None:
-        extra.append(f"diffusion.max_steps={max_steps}")
-    if resume is not None:
-        extra.append(f"diffusion.resume={str(resume).lower()}")
-    cfg = _load(params, set_, extra)
+    cfg = _load(params, set_, _options("diffusion", max_steps=max_steps, resume=resume))
     _project_prefect_home()
     from flows.train_diffusion import train_diffusion_flow
     from tasks.diffusion.train import train_diffusion
