@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+PROFILES_DIR = "profiles"
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,7 @@ class _Strict(BaseModel):
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
+ConditionName = Literal["perugini_grade", "metastasis", "amyloid", "sex", "site"]
 
 
 class PopulationConfig(_Strict):
@@ -191,8 +193,7 @@ class DiffusionConfig(_Strict):
                            description="Checkpoints kept across killed runs, for resume.")
     image_rows: Annotated[int, Field(ge=16, le=2048)] = 128
     image_cols: Annotated[int, Field(ge=8, le=512)] = 32
-    conditions: list[Literal["perugini_grade", "metastasis", "amyloid", "sex", "site"]] = [
-        "perugini_grade", "metastasis"]
+    conditions: list[ConditionName] = ["perugini_grade", "metastasis"]
     cond_dropout: Fraction = 0.1
     network: DiffusionNetworkConfig = DiffusionNetworkConfig()
     num_train_timesteps: Annotated[int, Field(ge=10, le=4000)] = 1000
@@ -217,6 +218,111 @@ class DiffusionConfig(_Strict):
     resume: bool = True
     augment: bool = True
     seed: int = 1234
+    registered_model_name: str | None = Field(
+        "synthdx-bone-scan-diffusion",
+        description="MLflow registered model the final EMA model becomes a version of "
+                    "(null: log nothing to the registry).")
+
+
+
+class SampleGroup(_Strict):
+    """One block of synthetic images: how many, and the condition values they are asked for.
+
+    Factors of the model that ``condition`` does not name are drawn, per image, from the
+    training split's joint label distribution given the named ones, so every synthetic image
+    carries a complete, plausible label set (e.g. "enrich site coastal" keeps coastal's own
+    disease mix).
+    """
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    count: Annotated[int, Field(ge=0, le=10_000_000)]
+    condition: dict[ConditionName, int | bool | str] = Field(default_factory=dict)
+
+
+def _default_groups() -> list[SampleGroup]:
+    return [SampleGroup(name="all", count=100)]
+
+
+class SynthesizeDicomConfig(_Strict):
+    """Optional DICOM export of the synthetic set (Multi-frame Grayscale Word SC, SYN)."""
+
+    enabled: bool = False
+    output: Path = Path("data/synthetic_dicom")
+
+
+class SynthesizeConfig(_Strict):
+    """Sampling a synthetic dataset from the trained model (stage synthesize)."""
+
+    model: Path | None = Field(None, description="Trained model folder; default diffusion.output.")
+    output: Path = Path("data/synthetic")
+    work_dir: Path = Field(Path("data/synthetic_work"),
+                           description="Per-rank shards of a distributed run before the merge.")
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: Annotated[int, Field(ge=1, le=4000)] = 50
+    guidance_scale: Annotated[float, Field(ge=0.0, le=50.0)] = 3.0
+    eta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    seed: Annotated[int, Field(ge=0, lt=2**40)] = Field(
+        7_000_000, description="Image i of the plan gets seed + i: any image can be regenerated.")
+    groups: list[SampleGroup] = Field(default_factory=_default_groups)
+    precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU, fp32 on the CPU.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: Annotated[int, Field(ge=1)] = 1
+    strategy: str = "auto"
+    dicom: SynthesizeDicomConfig = SynthesizeDicomConfig()
+
+    @field_validator("groups")
+    @classmethod
+    def _unique_groups(cls, groups: list[SampleGroup]) -> list[SampleGroup]:
+        names = [g.name for g in groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names must be unique, got {names}")
+        if not groups or sum(g.count for g in groups) == 0:
+            raise ValueError("at least one group with count > 0 is required")
+        return groups
+
+
+class AuditEncoderConfig(_Strict):
+    """The in-domain feature encoder trained on the real training split (nothing downloaded)."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    lr: PositiveFloat = 1e-3
+    feature_dim: Annotated[int, Field(ge=8, le=4096)] = 128
+    seed: int = 99
+
+
+class AuditPrivacyConfig(_Strict):
+    """Nearest-neighbour memorisation check against the training images."""
+
+    quantile: Annotated[float, Field(gt=0.5, le=1.0)] = Field(
+        0.99, description="Threshold = this quantile of held-out real images' nearest-"
+                          "training-image similarity; synthetic images above it are withheld.")
+    pairs_shown: Annotated[int, Field(ge=1, le=64)] = 8
+
+
+class AuditConfig(_Strict):
+    """Quality and privacy audit of the synthetic set (stage audit)."""
+
+    synthetic: Path | None = Field(
+        None, description="Synthetic dataset; default synthesize.output.")
+    output: Path = Field(Path("data/audit"),
+                         description="audit.json, withheld list, pictures and released/.")
+    encoder: AuditEncoderConfig = AuditEncoderConfig()
+    privacy: AuditPrivacyConfig = AuditPrivacyConfig()
+    nearest_k: Annotated[int, Field(ge=1, le=100)] = Field(
+        5, description="k of the k-NN manifolds for precision / recall / coverage.")
+    max_real: Annotated[int, Field(ge=10)] = Field(
+        5000, description="At most this many real training images enter the quality metrics.")
+    msssim_pairs: Annotated[int, Field(ge=2)] = Field(
+        200, description="Random same-class pairs per class for MS-SSIM diversity.")
+    two_sample_folds: Annotated[int, Field(ge=2, le=20)] = 5
+    pixel_critic_epochs: Annotated[int, Field(ge=0, le=100)] = Field(
+        3, description="Epochs of the small CNN telling real from synthetic pixels, per "
+                       "cross-validation fold; 0 skips that test (features only).")
+    seed: int = 4242
 
 
 class MlflowConfig(_Strict):
@@ -237,12 +343,25 @@ class MlflowConfig(_Strict):
 class Config(_Strict):
     """The whole parameter tree (params.yaml)."""
 
-    profile: Literal["demo", "gpu", "tiny", "custom"] = "demo"
+    profile: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = Field(
+        "demo", description="Overrides from profiles/<profile>.yaml applied over this file "
+                            "(demo: none, this file is the demo).")
     reports_dir: Path = Path("reports")
     mlflow: MlflowConfig = MlflowConfig()
     phantom: PhantomConfig
     ingest: IngestConfig = IngestConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _ddpm_steps(self) -> Config:
+        s, d = self.synthesize, self.diffusion
+        if s.sampler == "ddpm" and s.steps != d.num_train_timesteps:
+            raise ValueError(f"synthesize.sampler ddpm needs synthesize.steps == "
+                             f"diffusion.num_train_timesteps ({d.num_train_timesteps}), "
+                             f"got {s.steps}; use ddim for fewer steps")
+        return self
 
 
 def _parse_value(raw: str) -> Any:
@@ -299,8 +418,54 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping, or a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"parameter file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"parameter file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"parameter file {path} must hold a mapping at the top level")
+    return tree
+
+
+def _profile_path(params: Path, profile: Any) -> Path | None:
+    """The overrides file of a profile (``profiles/<name>.yaml`` beside params), if any.
+
+    ``demo`` is params.yaml itself; any other profile must have its file, so a typo in
+    ``profile`` fails instead of silently training the demo model.
+    """
+    if profile in (None, "demo"):
+        return None
+    if not isinstance(profile, str) or not profile.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"profile: {profile!r} is not a profile name")
+    path = params.parent / PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (params.parent / PROFILES_DIR).glob("*.yaml"))
+        raise ConfigError(f"profile: no file {path} for profile {profile!r} "
+                          f"(known: demo, {', '.join(known) or 'none'})")
+    return path
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
     """Load, override and validate the parameter tree.
+
+    Order: params file, ``--set`` overrides, then the profile named by the resulting
+    ``profile`` key (``profiles/<name>.yaml``), then the overrides once more so the command
+    line wins over the profile too.
 
     Args:
         path: the YAML parameter file (params.yaml by default).
@@ -313,16 +478,17 @@ def load_config(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None =
         ConfigError: with a message naming the file, the key and the reason.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"parameter file {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"parameter file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"parameter file {path} must hold a mapping at the top level")
+    tree = _read_mapping(path)
     for assignment in overrides or []:
         apply_override(tree, assignment)
+    profile = tree.get("profile", "demo")
+    profile_file = _profile_path(path, profile)
+    if profile_file is not None:
+        # Profile first, then the command line again: --set always has the last word.
+        tree = deep_merge(tree, _read_mapping(profile_file))
+        tree["profile"] = profile
+        for assignment in overrides or []:
+            apply_override(tree, assignment)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

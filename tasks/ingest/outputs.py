@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.common.montage import write_montage
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
-from tasks.ingest.montage import write_montage
 from tasks.ingest.reader import FileResult
 from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 

@@ -1,7 +1,8 @@
-"""A contact sheet of processed images per site, for a quick look in MLflow or the folder.
+"""A contact sheet of dataset images per site (or group), for a quick look in MLflow.
 
-Captions carry only the site, split and labels: the montage is logged to MLflow, so it must
-hold nothing that identifies a patient (not even the pseudonym).
+Used for the processed (ingest) and the synthetic (synthesize) datasets. Captions carry only
+the row key, split and labels: the montage is logged to MLflow, so it must hold nothing that
+identifies a patient (not even the pseudonym).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ PAD = 10  # pixels between images
 
 def _pick(rows: pd.DataFrame, per_site: int) -> list[int]:
     """Up to ``per_site`` indices, round-robin over label groups so every label is shown."""
-    groups = [list(g["index"]) for _, g in rows.groupby(["amyloid", "metastasis"], sort=True)]
+    keys = rows[["amyloid", "metastasis"]].astype("string").fillna("?")
+    groups = [list(g["index"]) for _, g in rows.assign(_a=keys["amyloid"], _m=keys["metastasis"])
+              .groupby(["_a", "_m"], sort=True)]
     picked: list[int] = []
     while len(picked) < per_site and any(groups):
         for group in groups:
@@ -26,8 +29,13 @@ def _pick(rows: pd.DataFrame, per_site: int) -> list[int]:
     return picked
 
 
+def _label(value: object, fmt: str) -> str:
+    return "?" if value is None or pd.isna(value) else fmt.format(int(value))
+
+
 def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
-                  per_site: int = 6) -> None:
+                  per_site: int = 6, by: str = "site",
+                  title: str = "processed images per site (anterior | posterior)") -> None:
     """Write a PNG grid: one row per site, anterior | posterior side by side per image.
 
     The grid is composed as one array and drawn once (one axes, text captions), which is
@@ -39,29 +47,32 @@ def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
             ``amyloid``, ``metastasis``.
         path: the PNG to write.
         per_site: images shown per site.
+        by: the manifest column that makes the rows (``site``; ``group`` for synthetic sets).
+        title: the figure title.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sites = sorted(manifest["site"].unique())
-    ncols = max(1, min(per_site, int(manifest.groupby("site").size().max())))
+    sites = list(dict.fromkeys(manifest[by])) if by != "site" else sorted(manifest[by].unique())
+    ncols = max(1, min(per_site, int(manifest.groupby(by, sort=False).size().max())))
     rows_px, cols_px = images.shape[2], images.shape[3]
     cell_w, cell_h = 2 * cols_px + GAP + PAD, rows_px + PAD
     canvas = np.zeros((len(sites) * cell_h, ncols * cell_w), dtype=np.float32)
     captions: list[tuple[float, float, str]] = []
     by_index = manifest.set_index("index")
     for r, site in enumerate(sites):
-        for c, index in enumerate(_pick(manifest[manifest["site"] == site], per_site)):
+        for c, index in enumerate(_pick(manifest[manifest[by] == site], per_site)):
             top, left = r * cell_h + PAD, c * cell_w + PAD // 2
             pair = np.asarray(images[index], dtype=np.float32)
             canvas[top:top + rows_px, left:left + cols_px] = pair[0]
             canvas[top:top + rows_px, left + cols_px + GAP:left + 2 * cols_px + GAP] = pair[1]
             row = by_index.loc[index]
             captions.append((left + cols_px + GAP / 2, top - 1,
-                             f"{site} ({row['split']}) P{int(row['perugini_grade'])} "
-                             f"met {int(bool(row['metastasis']))}"))
+                             f"{site} ({row['split']}) "
+                             f"{_label(row['perugini_grade'], 'P{}')} "
+                             f"met {_label(row['metastasis'], '{}')}"))
     scale = 1.0 / 80  # inches per pixel at 80 dpi: one image pixel per screen pixel
     fig = plt.figure(figsize=(max(canvas.shape[1] * scale, 4), canvas.shape[0] * scale + 0.3),
                      dpi=80)
@@ -72,6 +83,6 @@ def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
     for x, y, text in captions:
         ax.text(x, y, text, ha="center", va="bottom", fontsize=6)
     ax.axis("off")
-    fig.suptitle("processed images per site (anterior | posterior)", fontsize=8, y=0.995)
+    fig.suptitle(title, fontsize=8, y=0.995)
     fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)
