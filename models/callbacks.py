@@ -121,3 +121,26 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Once more with the final (EMA) weights."""
         self.render(trainer, pl_module, "final")
+
+
+class DeviceMemory(L.Callback):
+    """Log the accelerator's peak and reserved memory every ``every_n_steps`` steps.
+
+    Why: the GPU profile is sized for an 80 GB card; the peak tells whether a larger batch
+    or network fits, and a creeping peak shows a leak long before an out-of-memory crash.
+    Nothing is logged on the CPU (process RSS says little about the model).
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log ``gpu/max_allocated_gib`` and ``gpu/reserved_gib`` of this rank's device."""
+        device = pl_module.device
+        if device.type != "cuda" or trainer.global_step % self.every_n_steps:
+            return
+        gib = 1024 ** 3
+        pl_module.log_dict({"gpu/max_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+                            "gpu/reserved_gib": torch.cuda.memory_reserved(device) / gib},
+                           on_step=True, on_epoch=False, rank_zero_only=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import torch
 
 from models.sampling import sample
@@ -65,6 +67,18 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
                     "cpu", null_cond=module.spec.null_indices, num_train_timesteps=50)
     assert images.shape == (1, 2, ROWS, COLS)
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+    # Throughput (Lightning's ThroughputMonitor) is logged during training.
+    assert all("train/device/samples_per_sec" in r.data.metrics for r in runs)
+
+    # Each run registered its EMA model; the latest version samples what the file samples.
+    assert second.registered_model is not None
+    assert second.registered_model["version"] == "2"
+    pyfunc = mlflow.pyfunc.load_model(second.registered_model["model_uri"])
+    request = pd.DataFrame({"perugini_grade": [2], "metastasis": [True], "seed": [7]})
+    served = pyfunc.predict(request, params={"steps": 5, "guidance_scale": 2.0})
+    assert served.shape == (1, 2, ROWS, COLS)
+    np.testing.assert_allclose(served, images.numpy(), atol=1e-5)
 
 
 def test_checkpoint_of_another_model_is_not_resumed(tmp_path, mlflow_uri):

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
-from models.callbacks import DataLedger, SampleGrid
+from models.callbacks import DataLedger, DeviceMemory, SampleGrid
 from models.conditioning import ConditionSpec
 from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
-from tasks.common.atomic import atomic_dir
+from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.common.tracking import PARENT_ENV
 from tasks.config import Config, DiffusionConfig
 
@@ -43,14 +44,18 @@ class TrainSummary:
     seconds: float
     images_per_second: float
     mlflow_run_id: str | None
+    registered_model: dict[str, str] | None = None
 
     def describe(self) -> str:
         """One short paragraph for the CLI."""
         resumed = f" (resumed from {self.resumed_from})" if self.resumed_from else ""
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        registered = (f"\n  registered: {self.registered_model['model_uri']}"
+                      if self.registered_model else "")
         return (f"train_diffusion: {self.global_step} steps{resumed} in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s), final loss {loss}\n"
-                f"  model: {self.output / MODEL_NAME}\n  MLflow run: {self.mlflow_run_id}")
+                f"  model: {self.output / MODEL_NAME}\n  MLflow run: {self.mlflow_run_id}"
+                f"{registered}")
 
 
 def resolve_precision(cfg: DiffusionConfig) -> str:
@@ -98,6 +103,8 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
     data = DiffusionDataModule(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
                                d.num_workers, d.augment)
     module = build_module(d, spec)
+    # ThroughputMonitor reads this to log model-FLOPs utilisation (on GPUs it knows the peak of).
+    module.flops_per_batch = flops_per_batch(d, spec)
     ckpt_dir = Path(d.work_dir) / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=d.checkpoint_every_n_steps)
@@ -109,7 +116,10 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
         callbacks=[checkpoint, EMAWeightAveraging(decay=d.ema_decay),
                    DataLedger(Path(d.work_dir) / "ledger"),
                    SampleGrid(Path(d.work_dir) / "samples", d.sample_every_n_epochs,
-                              seed=d.seed)],
+                              seed=d.seed),
+                   ThroughputMonitor(batch_size_fn=lambda batch: int(batch["image"].shape[0]),
+                                     window_size=max(2, d.log_every_n_steps)),
+                   DeviceMemory(every_n_steps=d.log_every_n_steps)],
         log_every_n_steps=d.log_every_n_steps, default_root_dir=d.work_dir,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
@@ -130,7 +140,27 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
     if trainer.is_global_zero:
         logger.log_metrics({"train/images_per_second": ips}, step=trainer.global_step)
         _write_model(module, summary, d)
+        if d.registered_model_name and logger.run_id:
+            from tasks.diffusion.registry import register_model
+
+            registered = register_model(cfg, Path(d.output) / MODEL_NAME, logger.run_id)
+            summary = replace(summary, registered_model=registered)
+            _write_summary(Path(d.output) / SUMMARY_NAME, summary)
     return summary
+
+
+def flops_per_batch(cfg: DiffusionConfig, spec: ConditionSpec) -> int:
+    """Model FLOPs of one training step (forward + backward) at the configured batch size.
+
+    Counted once with torch's FlopCounterMode on a meta-device copy: no memory, no time.
+    """
+    with torch.device("meta"):
+        unet = build_module(cfg, spec).unet
+        x = torch.zeros(cfg.batch_size, 2, cfg.image_rows, cfg.image_cols)
+        t = torch.zeros(cfg.batch_size, dtype=torch.long)
+        cond = torch.zeros(cfg.batch_size, len(spec.names), dtype=torch.long)
+    return int(measure_flops(unet, lambda: unet(x, t, class_labels=cond),
+                             loss_fn=torch.Tensor.sum))
 
 
 RESUME_FREE_HPARAMS = {"max_steps"}
@@ -167,11 +197,16 @@ def _write_model(module: DiffusionModule, summary: TrainSummary, cfg: DiffusionC
                                "global_step": summary.global_step}
     with atomic_dir(Path(cfg.output)) as tmp:
         torch.save(payload, tmp / MODEL_NAME)
-        (tmp / SUMMARY_NAME).write_text(json.dumps({
-            "global_step": summary.global_step, "final_loss": summary.final_loss,
-            "seconds": summary.seconds, "images_per_second": summary.images_per_second,
-            "resumed_from": str(summary.resumed_from) if summary.resumed_from else None,
-            "mlflow_run_id": summary.mlflow_run_id}, indent=2))
+        _write_summary(tmp / SUMMARY_NAME, summary)
+
+
+def _write_summary(path: Path, summary: TrainSummary) -> None:
+    atomic_write_text(path, json.dumps({
+        "global_step": summary.global_step, "final_loss": summary.final_loss,
+        "seconds": summary.seconds, "images_per_second": summary.images_per_second,
+        "resumed_from": str(summary.resumed_from) if summary.resumed_from else None,
+        "mlflow_run_id": summary.mlflow_run_id,
+        "registered_model": summary.registered_model}, indent=2))
 
 
 def load_model(output: Path) -> DiffusionModule:

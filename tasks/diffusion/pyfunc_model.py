@@ -1,0 +1,74 @@
+"""The registered diffusion model as an MLflow pyfunc: conditions and seeds in, images out.
+
+Logged as "model from code": MLflow stores this file with the model and runs it on
+``mlflow.pyfunc.load_model``; the ``models`` package travels along as a code path, and the
+EMA weights (``model.pt``) as an artifact. So a registered version can be loaded and sampled
+anywhere the dependencies are installed, without this repository:
+
+    model = mlflow.pyfunc.load_model("models:/synthdx-bone-scan-diffusion/1")
+    images = model.predict(pd.DataFrame({"perugini_grade": [2], "metastasis": [False],
+                                         "seed": [7]}), params={"steps": 50})
+
+Each input row is one image: a column per condition factor (missing or None = unconditioned)
+and ``seed``. ``predict`` returns a float32 array (rows, 2, H, W) in [0, 1], anterior and
+posterior views. Only ``models`` is imported: the pyfunc must not need the pipeline's config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+DEFAULT_PARAMS: dict[str, Any] = {"steps": 50, "guidance_scale": 3.0, "sampler": "ddim",
+                                  "eta": 0.0, "batch_size": 16}
+
+
+class DiffusionSampler(PythonModel):
+    """Classifier-free-guided sampling from the trained conditional UNet."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Rebuild the module from the ``weights`` artifact (CPU unless a GPU is visible)."""
+        from models.diffusion import DiffusionModule
+
+        payload = torch.load(context.artifacts["weights"], map_location="cpu",
+                             weights_only=False)
+        self.module = DiffusionModule(**payload["hparams"])
+        self.module.load_state_dict(payload["state_dict"])
+        self.module.eval()
+        self.size = tuple(int(v) for v in payload["image_size"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.module.to(self.device)
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> np.ndarray:
+        """One image per row of ``model_input``; ``params`` may set the sampler settings."""
+        from models.sampling import sample
+
+        settings = {**DEFAULT_PARAMS, **(params or {})}
+        if "seed" not in model_input.columns:
+            raise ValueError("model_input needs a 'seed' column (one seed per image)")
+        spec = self.module.spec
+        rows = model_input.to_dict("records")
+        cond = torch.tensor(
+            [[f.null_index if row.get(f.name) is None or pd.isna(row.get(f.name))
+              else f.index_of(row[f.name]) for f in spec.factors] for row in rows],
+            dtype=torch.long).reshape(len(rows), len(spec.factors))
+        seeds = [int(s) for s in model_input["seed"]]
+        out = []
+        step = int(settings["batch_size"])
+        for i in range(0, len(rows), step):
+            images = sample(self.module.unet, settings["sampler"], int(settings["steps"]),
+                            cond[i:i + step], float(settings["guidance_scale"]),
+                            seeds[i:i + step], (2, *self.size), self.device,
+                            null_cond=spec.null_indices, eta=float(settings["eta"]),
+                            **self.module.noise_schedule)
+            out.append(images.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 2, *self.size), np.float32)
+
+
+mlflow.models.set_model(DiffusionSampler())

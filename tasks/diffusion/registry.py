@@ -1,0 +1,63 @@
+"""Log the trained EMA model to its training run and register it in the MLflow registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import models
+from tasks.config import Config
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+ARTIFACT_NAME = "diffusion_model"
+
+
+def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
+    """Log ``weights`` as a pyfunc model in run ``run_id`` and register a new version.
+
+    Why a pyfunc: a registered version must be usable on its own (load, then ``predict``
+    conditions and seeds into images), not just a file to download.
+
+    Returns:
+        ``{"name", "version", "model_uri"}`` of the registered version.
+    """
+    import mlflow
+
+    from tasks.diffusion.pyfunc_model import DEFAULT_PARAMS
+
+    name = cfg.diffusion.registered_model_name
+    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+    requirements = [f"{p}=={_version(p)}" for p in ("torch", "monai", "lightning", "einops",
+                                                    "pandas", "numpy", "mlflow")]
+    signature = _signature(weights, DEFAULT_PARAMS)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),
+            artifacts={"weights": str(weights)},
+            code_paths=[str(Path(models.__file__).parent)],
+            pip_requirements=requirements, registered_model_name=name,
+            signature=signature, await_registration_for=30)
+    version = str(info.registered_model_version)
+    return {"name": str(name), "version": version, "model_uri": f"models:/{name}/{version}"}
+
+
+def _signature(weights: Path, params: dict[str, Any]) -> Any:
+    """Input: one column per condition factor + seed; output: (n, 2, H, W) float32 images."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from mlflow.models import infer_signature
+
+    from models.conditioning import ConditionSpec
+
+    payload = torch.load(weights, map_location="cpu", weights_only=False, mmap=True)
+    spec = ConditionSpec.from_dict(payload["hparams"]["spec"])
+    example = pd.DataFrame({f.name: [f.values[0]] for f in spec.factors} | {"seed": [0]})
+    output = np.zeros((1, 2, *payload["image_size"]), dtype=np.float32)
+    return infer_signature(example, output, params=params)
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(package)
