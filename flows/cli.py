@@ -41,6 +41,9 @@ def _project_prefect_home() -> None:
         os.environ["PREFECT_HOME"] = str(Path.cwd() / ".prefect")
     # No machine here reaches the internet: telemetry only fails and locks the local database.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server needs 10-20 s on an idle 2-core machine; under load (training in
+    # the next process, a test run) Prefect's 20 s default is not enough.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _load(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Config:
@@ -145,6 +148,33 @@ def train_diffusion_cmd(
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(summary.describe())
+
+
+@app.command("synthesize")
+def synthesize_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    output: Annotated[Path | None, typer.Option(help="Synthetic dataset folder.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")
+                        ] = None,
+    dicom: Annotated[bool | None, typer.Option(
+        "--dicom/--no-dicom", help="Also write DICOM files marked synthetic.")] = None,
+) -> None:
+    """Sample a synthetic dataset from the trained diffusion model (counts from params)."""
+    cfg = _load(params, set_, [*_options("synthesize", output=output, steps=steps,
+                                         guidance_scale=guidance),
+                               *_options("synthesize.dicom", enabled=dicom)])
+    _project_prefect_home()
+    from flows.synthesize import run_synthesize, synthesize_flow
+
+    worker_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0
+    try:
+        result = run_synthesize(cfg) if worker_rank else synthesize_flow(cfg)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    if result is not None:
+        typer.echo(result.describe())
 
 
 def main() -> None:

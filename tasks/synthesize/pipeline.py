@@ -1,0 +1,222 @@
+"""The synthesize stage: plan, sample (one share per rank), merge, write, track.
+
+Distributed generation: Lightning Fabric launches one process per device (and node); rank
+``r`` of ``W`` generates plan rows ``r, r + W, ...`` and writes them as a shard; rank 0 waits
+for every shard, checks that together they cover the plan exactly once, and writes the
+dataset. Shards sit in ``work_dir/<run key>/`` and are reused when a killed run is repeated
+with the same model, plan and settings, so a long generation never starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models.data import read_manifest
+from tasks.common.atomic import atomic_dir, atomic_write_bytes
+from tasks.common.montage import write_montage
+from tasks.config import Config, SynthesizeConfig
+from tasks.diffusion.train import load_model
+from tasks.synthesize.dicom_export import export_dicom
+from tasks.synthesize.model_ref import ModelRef, model_ref
+from tasks.synthesize.plan import build_plan, typed_labels
+from tasks.synthesize.sampling_run import generate_rows
+
+REPORT_NAME = "synthesis.json"
+SPLIT = "synthetic"
+
+
+@dataclass(frozen=True)
+class SynthesizeResult:
+    """What a synthesize run produced (rank 0's view)."""
+
+    output: Path
+    images: int
+    per_group: dict[str, int]
+    seconds: float
+    images_per_second: float
+    world_size: int
+    model_version: str
+    reused_shards: int
+    dicom_files: int = 0
+    mlflow_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One short paragraph for the CLI."""
+        groups = ", ".join(f"{k} {v}" for k, v in self.per_group.items())
+        dicom = f"\n  DICOM: {self.dicom_files} files" if self.dicom_files else ""
+        return (f"synthesize: {self.images} images ({groups}) from model {self.model_version} "
+                f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s on "
+                f"{self.world_size} process(es))\n  dataset: {self.output}{dicom}\n"
+                f"  MLflow run: {self.mlflow_run_id}")
+
+
+def resolve_precision(cfg: SynthesizeConfig) -> str:
+    """``auto`` means bf16 autocast on a CUDA GPU and fp32 on the CPU (as in training)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (
+        cfg.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def _run_key(ref: ModelRef, plan: pd.DataFrame, cfg: SynthesizeConfig, world: int) -> str:
+    """A digest of everything that determines the shards' content."""
+    settings = {"model": ref.sha256, "sampler": cfg.sampler, "steps": cfg.steps,
+                "guidance": cfg.guidance_scale, "eta": cfg.eta, "world": world,
+                "precision": resolve_precision(cfg)}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(pd.util.hash_pandas_object(plan[["seed"]].assign(
+        cond=plan["cond_index"].map(str)), index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_shard(path: Path, indices: np.ndarray, images: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, indices=indices, images=images)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _merge(shard_dir: Path, world: int, plan: pd.DataFrame, size: tuple[int, int]
+           ) -> np.ndarray:
+    """The plan's images in plan order from every rank's shard; each row exactly once."""
+    images = np.zeros((len(plan), 2, *size), dtype=np.float16)
+    seen = np.zeros(len(plan), dtype=np.int64)
+    for rank in range(world):
+        path = shard_dir / f"rank-{rank}.npz"
+        if not path.is_file():
+            raise RuntimeError(f"{path}: rank {rank} wrote no shard; generation incomplete")
+        with np.load(path) as shard:
+            images[shard["indices"]] = shard["images"]
+            np.add.at(seen, shard["indices"], 1)
+    if not (seen == 1).all():
+        raise RuntimeError(f"shards in {shard_dir} cover {int((seen > 0).sum())} of "
+                           f"{len(plan)} rows ({int((seen > 1).sum())} twice)")
+    return images
+
+
+def _manifest(plan: pd.DataFrame, cfg: SynthesizeConfig, ref: ModelRef) -> pd.DataFrame:
+    manifest = typed_labels(plan).drop(columns=["cond_index"])
+    manifest.insert(2, "split", SPLIT)
+    manifest["sampler"] = cfg.sampler
+    manifest["steps"] = np.int32(cfg.steps)
+    manifest["guidance_scale"] = float(cfg.guidance_scale)
+    manifest["eta"] = float(cfg.eta)
+    manifest["model_version"] = ref.version
+    manifest["model_sha256"] = ref.sha256
+    manifest["synthetic"] = True
+    return manifest
+
+
+def synthesize(cfg: Config) -> SynthesizeResult | None:
+    """Generate the synthetic dataset described by ``cfg.synthesize``.
+
+    Returns:
+        The result on global rank 0; None on the other ranks (they only generate).
+
+    Raises:
+        FileNotFoundError: no trained model, or no processed dataset for the training labels.
+        tasks.synthesize.plan.PlanError: a group this model cannot generate.
+    """
+    from lightning.fabric import Fabric
+
+    s = cfg.synthesize
+    started = time.perf_counter()
+    ref = model_ref(Path(s.model or cfg.diffusion.output))
+    module = load_model(ref.path)
+    size = _model_size(ref.path)
+    manifest = read_manifest(cfg.ingest.output)
+    plan = build_plan(s.groups, module.spec, manifest[manifest["split"] == "train"], s.seed)
+
+    fabric = Fabric(accelerator=s.accelerator, devices=s.devices, num_nodes=s.num_nodes,
+                    strategy=s.strategy, precision=resolve_precision(s))
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    key = _run_key(ref, plan, s, world)
+    shard_dir = Path(s.work_dir) / key
+    shard = shard_dir / f"rank-{rank}.npz"
+    reused = 0
+    if shard.is_file():
+        reused = 1
+    else:
+        mine = plan.iloc[rank::world]
+        module.to(fabric.device)
+        images = generate_rows(module, mine, size, s, fabric.device, autocast=fabric.autocast,
+                               progress=_progress(rank))
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _save_shard(shard, mine["index"].to_numpy(), images)
+    reused = int(fabric.all_reduce(torch.tensor(reused, device=fabric.device),
+                                   reduce_op="sum").item()) if world > 1 else reused
+    fabric.barrier()
+    if rank != 0:
+        return None
+    images = _merge(shard_dir, world, plan, size)
+    seconds = time.perf_counter() - started
+    table = _manifest(plan, s, ref)
+    per_group = {str(k): int(v) for k, v in table.groupby("group", sort=False).size().items()}
+    report = {
+        "generator": "synthdx synthesize", "images": len(table), "per_group": per_group,
+        "image": {"shape": list(images.shape[1:]), "dtype": "float16",
+                  "channels": ["anterior", "posterior"]},
+        "model": {"version": ref.version, "sha256": ref.sha256, "path": str(ref.path),
+                  "registered_name": ref.registered_name,
+                  "registered_version": ref.registered_version,
+                  "global_step": ref.global_step, "conditions": module.spec.names},
+        "sampler": {"kind": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
+                    "eta": s.eta, "seed": s.seed, "precision": resolve_precision(s)},
+        "groups": [g.model_dump(mode="json") for g in s.groups],
+        "world_size": world, "reused_shards": reused, "seconds": round(seconds, 3),
+        "images_per_second": round(len(table) / max(seconds, 1e-9), 4),
+    }
+    _write_dataset(Path(s.output), images, table, report)
+    dicom_files = 0
+    if s.dicom.enabled:
+        dicom_files = export_dicom(images, table, Path(s.dicom.output), ref.version)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    return SynthesizeResult(
+        output=Path(s.output), images=len(table), per_group=per_group, seconds=seconds,
+        images_per_second=len(table) / max(seconds, 1e-9), world_size=world,
+        model_version=ref.version, reused_shards=reused, dicom_files=dicom_files,
+        extra={"report": report})
+
+
+def _model_size(folder: Path) -> tuple[int, int]:
+    payload = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False,
+                         mmap=True)
+    rows, cols = payload["image_size"]
+    return int(rows), int(cols)
+
+
+def _progress(rank: int):  # noqa: ANN202 - a tiny closure
+    last = [time.perf_counter()]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 30 or done == total:
+            print(f"synthesize rank {rank}: {done}/{total} images", flush=True)
+            last[0] = now
+
+    return report
+
+
+def _write_dataset(output: Path, images: np.ndarray, manifest: pd.DataFrame,
+                   report: dict[str, Any]) -> None:
+    """images.npy + manifest.parquet + synthesis.json + montage.png, atomically."""
+    with atomic_dir(output) as tmp:
+        np.save(tmp / "images.npy", images, allow_pickle=False)
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        write_montage(images, manifest, tmp / "montage.png", by="group",
+                      title="synthetic images per group (anterior | posterior)")
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
