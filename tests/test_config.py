@@ -74,3 +74,24 @@ def test_cli_config_prints_overridden_tree():
                            "--set", "phantom.patients=11"], capture_output=True, text=True,
                           cwd=PARAMS.parent, check=True)
     assert "patients: 11" in proc.stdout
+
+
+def test_gpu_profile_overrides_params_and_set_still_wins():
+    cfg = load_config(PARAMS, ["profile=gpu", "diffusion.batch_size=8"])
+    assert cfg.profile == "gpu"
+    assert (cfg.diffusion.image_rows, cfg.diffusion.image_cols) == (512, 128)
+    assert (cfg.ingest.image_rows, cfg.ingest.image_cols) == (512, 128)
+    assert cfg.diffusion.batch_size == 8  # the command line beats the profile
+    assert cfg.phantom.patients == load_config(PARAMS).phantom.patients  # untouched sections
+
+
+def test_unknown_profile_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="no file .*nope.yaml for profile 'nope'"):
+        load_config(PARAMS, ["profile=nope"])
+
+
+def test_ddpm_needs_every_training_step():
+    with pytest.raises(ConfigError, match="synthesize.steps == diffusion.num_train_timesteps"):
+        load_config(PARAMS, ["synthesize.sampler=ddpm", "synthesize.steps=50"])
+    cfg = load_config(PARAMS, ["synthesize.sampler=ddpm", "synthesize.steps=1000"])
+    assert cfg.synthesize.steps == 1000
