@@ -177,6 +177,25 @@ def synthesize_cmd(
         typer.echo(result.describe())
 
 
+@app.command("audit")
+def audit_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    synthetic: Annotated[Path | None, typer.Option(help="Synthetic dataset folder.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Audit output folder.")] = None,
+) -> None:
+    """Quality and privacy audit; writes the released synthetic set without withheld images."""
+    cfg = _load(params, set_, _options("audit", synthetic=synthetic, output=output))
+    _project_prefect_home()
+    from flows.audit import audit_flow
+
+    try:
+        result = audit_flow(cfg)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(result.describe())
+
+
 def main() -> None:
     """Entry point for ``python -m flows.cli``."""
     app()

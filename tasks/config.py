@@ -244,10 +244,9 @@ def _default_groups() -> list[SampleGroup]:
 
 
 class SynthesizeDicomConfig(_Strict):
-    """Optional DICOM export of the synthetic set (Multi-frame Grayscale Word SC, SYN)."""
+    """Optional DICOM export (Multi-frame Grayscale Word SC, SYN) into ``<output>/dicom/``."""
 
     enabled: bool = False
-    output: Path = Path("data/synthetic_dicom")
 
 
 class SynthesizeConfig(_Strict):
@@ -319,9 +318,10 @@ class AuditConfig(_Strict):
     msssim_pairs: Annotated[int, Field(ge=2)] = Field(
         200, description="Random same-class pairs per class for MS-SSIM diversity.")
     two_sample_folds: Annotated[int, Field(ge=2, le=20)] = 5
-    pixel_critic_epochs: Annotated[int, Field(ge=0, le=100)] = Field(
-        3, description="Epochs of the small CNN telling real from synthetic pixels, per "
-                       "cross-validation fold; 0 skips that test (features only).")
+    pixel_critic_steps: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        80, description="Optimiser steps (batches of encoder.batch_size) of the small CNN "
+                        "telling real from synthetic pixels, per cross-validation fold; "
+                        "0 skips that test (features only).")
     seed: int = 4242
 
 

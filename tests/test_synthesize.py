@@ -39,7 +39,7 @@ def _sets(root: Path) -> list[str]:
             f"synthesize.output={root / 'synthetic'}", f"synthesize.work_dir={root / 'swork'}",
             "synthesize.steps=5", "synthesize.guidance_scale=2.0", "synthesize.batch_size=3",
             "synthesize.accelerator=cpu", f"synthesize.groups={GROUPS}",
-            f"synthesize.dicom.output={root / 'dicom'}", "synthesize.seed=100"]
+            "synthesize.seed=100"]
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,9 @@ def test_synthesize_writes_dataset_and_dicom_that_regenerate(trained: Path,
     np.testing.assert_allclose(again[0].numpy(), images[6].astype(np.float32), atol=1e-3)
 
     # DICOM: one file per image, marked synthetic, no identity, pixels as in the array.
-    files = sorted((trained / "dicom").rglob("*.dcm"))
+    files = sorted((out / "dicom").rglob("*.dcm"))
     assert len(files) == 8 == result.dicom_files
-    ds = pydicom.dcmread(trained / "dicom" / "metastasis" / f"{row['sample_id']}.dcm")
+    ds = pydicom.dcmread(out / "dicom" / "metastasis" / f"{row['sample_id']}.dcm")
     assert ds.ConversionType == "SYN" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7.3"
     assert "SYNTHETIC" in ds.SeriesDescription and str(ds.PatientName).startswith("SYNTHETIC")
     assert ds.PatientIdentityRemoved == "YES" and not ds.PatientBirthDate and not ds.StudyDate

@@ -18,8 +18,6 @@ import pandas as pd
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tasks.common.atomic import atomic_dir
-
 #: Multi-frame Grayscale Word Secondary Capture Image Storage.
 SC_MULTIFRAME_WORD = "1.2.840.10008.5.1.4.1.1.7.3"
 MAX_STORED = 4095  # 12 bits stored: the usual NM/SC range, exact for float16 sources
@@ -93,25 +91,26 @@ def build_dataset(image: np.ndarray, row: pd.Series, model_version: str, series_
     return ds
 
 
-def export_dicom(images: np.ndarray, manifest: pd.DataFrame, output: Path,
+def export_dicom(images: np.ndarray, manifest: pd.DataFrame, folder: Path,
                  model_version: str) -> int:
-    """Write one SC file per synthetic image under ``output/<group>/``, atomically.
+    """Write one SC file per synthetic image under ``folder/<group>/``.
 
-    All images of one export share a study; each group is a series. UIDs derive from the
-    model version, sample id and seed, so re-exporting the same dataset gives the same files.
+    The caller writes into a temporary dataset folder that is renamed into place as a whole,
+    so a killed export never leaves half a set. All images of one export share a study; each
+    group is a series. UIDs derive from the model version, sample id and seed, so
+    re-exporting the same dataset gives the same files.
 
     Returns:
         The number of files written.
     """
     study_uid = _uid([model_version, "study"])
-    with atomic_dir(Path(output)) as tmp:
-        for number, (group, rows) in enumerate(manifest.groupby("group", sort=False)):
-            series_uid = _uid([model_version, str(group), "series"])
-            folder = tmp / str(group)
-            folder.mkdir(parents=True)
-            for instance, (_, row) in enumerate(rows.iterrows(), start=1):
-                ds = build_dataset(images[int(row["index"])], row, model_version, series_uid,
-                                   study_uid, instance)
-                ds.SeriesNumber = number + 1
-                ds.save_as(folder / f"{row['sample_id']}.dcm", enforce_file_format=True)
+    for number, (group, rows) in enumerate(manifest.groupby("group", sort=False)):
+        series_uid = _uid([model_version, str(group), "series"])
+        target = Path(folder) / str(group)
+        target.mkdir(parents=True)
+        for instance, (_, row) in enumerate(rows.iterrows(), start=1):
+            ds = build_dataset(images[int(row["index"])], row, model_version, series_uid,
+                               study_uid, instance)
+            ds.SeriesNumber = number + 1
+            ds.save_as(target / f"{row['sample_id']}.dcm", enforce_file_format=True)
     return len(manifest)

@@ -32,6 +32,7 @@ from tasks.synthesize.plan import build_plan, typed_labels
 from tasks.synthesize.sampling_run import generate_rows
 
 REPORT_NAME = "synthesis.json"
+DICOM_DIR = "dicom"
 SPLIT = "synthetic"
 
 
@@ -54,7 +55,8 @@ class SynthesizeResult:
     def describe(self) -> str:
         """One short paragraph for the CLI."""
         groups = ", ".join(f"{k} {v}" for k, v in self.per_group.items())
-        dicom = f"\n  DICOM: {self.dicom_files} files" if self.dicom_files else ""
+        dicom = (f"\n  DICOM: {self.dicom_files} files in {self.output / DICOM_DIR}"
+                 if self.dicom_files else "")
         return (f"synthesize: {self.images} images ({groups}) from model {self.model_version} "
                 f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s on "
                 f"{self.world_size} process(es))\n  dataset: {self.output}{dicom}\n"
@@ -180,10 +182,8 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
         "world_size": world, "reused_shards": reused, "seconds": round(seconds, 3),
         "images_per_second": round(len(table) / max(seconds, 1e-9), 4),
     }
-    _write_dataset(Path(s.output), images, table, report)
-    dicom_files = 0
-    if s.dicom.enabled:
-        dicom_files = export_dicom(images, table, Path(s.dicom.output), ref.version)
+    dicom_files = _write_dataset(Path(s.output), images, table, report,
+                                 ref.version if s.dicom.enabled else None)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return SynthesizeResult(
         output=Path(s.output), images=len(table), per_group=per_group, seconds=seconds,
@@ -212,11 +212,20 @@ def _progress(rank: int):  # noqa: ANN202 - a tiny closure
 
 
 def _write_dataset(output: Path, images: np.ndarray, manifest: pd.DataFrame,
-                   report: dict[str, Any]) -> None:
-    """images.npy + manifest.parquet + synthesis.json + montage.png, atomically."""
+                   report: dict[str, Any], dicom_version: str | None) -> int:
+    """images.npy + manifest.parquet + synthesis.json + montage.png (+ dicom/), atomically.
+
+    Returns:
+        The number of DICOM files written (0 when ``dicom_version`` is None).
+    """
+    dicom_files = 0
     with atomic_dir(output) as tmp:
+        if dicom_version is not None:
+            dicom_files = export_dicom(images, manifest, tmp / DICOM_DIR, dicom_version)
+            report["dicom"] = {"folder": DICOM_DIR, "files": dicom_files}
         np.save(tmp / "images.npy", images, allow_pickle=False)
         manifest.to_parquet(tmp / "manifest.parquet", index=False)
         write_montage(images, manifest, tmp / "montage.png", by="group",
                       title="synthetic images per group (anterior | posterior)")
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return dicom_files
