@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import models
+import models.diffusion
 from tasks.config import Config
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -34,7 +34,8 @@ def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(weights)},
-            code_paths=[str(Path(models.__file__).parent)],
+            # A module's folder: the package itself may be a namespace without __file__.
+            code_paths=[str(Path(models.diffusion.__file__).parent)],
             pip_requirements=requirements, registered_model_name=name,
             signature=signature, await_registration_for=30)
     version = str(info.registered_model_version)
