@@ -1,0 +1,319 @@
+"""The audit stage: quality and privacy of the synthetic set, and the released subset.
+
+Order of work: open and check both inputs; bring every image to the synthetic resolution;
+train the in-domain encoder on the real training split; quality metrics overall and per
+finding class, each beside a reference computed the same way on real held-out images (what
+"as good as real" looks like at these sample sizes); nearest-training-image similarity with
+a threshold from held-out images; then all outputs, atomically, and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+from tasks.audit.data import (
+    CLASS_DEFINITIONS,
+    HELDOUT_SPLITS,
+    ImageSet,
+    open_processed,
+    open_synthetic,
+)
+from tasks.audit.encoder import embed, heldout_skill, pick_device, train_encoder
+from tasks.audit.privacy import PrivacyCheck, check_privacy, summary
+from tasks.audit.quality import (
+    CriticSettings,
+    feature_metrics,
+    msssim_pairs,
+    pixel_two_sample_auc,
+)
+from tasks.audit.report import (
+    AUDIT_JSON,
+    NEAREST_CSV,
+    PAIRS_PNG,
+    RELEASED_DIR,
+    WITHHELD_CSV,
+    flat_metrics,
+    nearest_table,
+    plot_pairs,
+    write_json,
+    write_released,
+)
+from tasks.common.atomic import atomic_dir
+from tasks.common.tracking import log_params, stage_run
+from tasks.config import AuditConfig, Config
+from tasks.ingest.dvc_hash import dvc_dir_hash
+
+METRICS_FILE = "audit_metrics.json"
+QUALITY_KEYS = ("fid", "precision", "recall", "density", "coverage", "two_sample_auc")
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What an audit found and where it wrote it."""
+
+    output: Path
+    metrics_path: Path
+    synthetic: int
+    released: int
+    withheld: int
+    threshold_ncc: float
+    max_ncc: float
+    fid: float | None
+    fid_reference: float | None
+    precision: float | None
+    recall: float | None
+    coverage: float | None
+    two_sample_auc_features: float | None
+    two_sample_auc_pixels: float | None
+    seconds: float
+    mlflow_run_id: str | None
+
+    def describe(self) -> str:
+        """One short paragraph for the CLI."""
+
+        def f(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        return (
+            f"audit: {self.synthetic} synthetic images, {self.withheld} withheld (nearest-"
+            f"training NCC > {self.threshold_ncc:.4f}, max {self.max_ncc:.4f}), "
+            f"{self.released} released, in {self.seconds:.1f} s\n"
+            f"  quality: FID {f(self.fid)} (real held-out {f(self.fid_reference)}), precision "
+            f"{f(self.precision)}, recall {f(self.recall)}, coverage {f(self.coverage)}, "
+            f"real-vs-synthetic AUC {f(self.two_sample_auc_features)} (features) / "
+            f"{f(self.two_sample_auc_pixels)} (pixels), 0.5 = indistinguishable\n"
+            f"  report: {self.output / AUDIT_JSON}\n  released: {self.output / RELEASED_DIR}\n"
+            f"  MLflow run: {self.mlflow_run_id}")
+
+
+@dataclass
+class _Inputs:
+    """Both datasets at the synthetic resolution, split the way the audit uses them."""
+
+    real: ImageSet
+    synthetic: ImageSet
+    train_mask: np.ndarray
+    heldout_mask: np.ndarray
+    train: torch.Tensor
+    heldout: torch.Tensor
+    images: torch.Tensor
+
+
+def _load(processed: Path, synthetic_root: Path) -> _Inputs:
+    real = open_processed(processed)
+    synthetic = open_synthetic(synthetic_root, real)
+    split = real.manifest["split"].astype(str).to_numpy()
+    train_mask = split == "train"
+    heldout_mask = np.isin(split, HELDOUT_SPLITS)
+    size = synthetic.size
+    return _Inputs(real=real, synthetic=synthetic, train_mask=train_mask,
+                   heldout_mask=heldout_mask, train=real.load(train_mask, size),
+                   heldout=real.load(heldout_mask, size), images=synthetic.load(None, size))
+
+
+def standardise(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Z-score every feature set with the real training features' mean and spread.
+
+    Why: the raw embedding's scale is arbitrary (it depends on the encoder's training run);
+    in units of the real data's own spread, a Fréchet distance or a k-NN radius means the
+    same thing from one encoder to the next.
+    """
+    mean = feats["train"].mean(0)
+    std = feats["train"].std(0) + 1e-8
+    return {name: (f - mean) / std for name, f in feats.items()}
+
+
+def _quality(a: AuditConfig, x: _Inputs, feats: dict[str, np.ndarray], ref_rows: np.ndarray,
+             device: torch.device) -> dict[str, Any]:
+    """Quality metrics overall and per finding class, each with its real held-out reference."""
+    real_view = ImageSet(x.real.root, x.real.manifest[x.train_mask].reset_index(drop=True),
+                         x.real.images)
+    held_view = ImageSet(x.real.root, x.real.manifest[x.heldout_mask].reset_index(drop=True),
+                         x.real.images)
+    train_classes = {k: v[ref_rows] for k, v in real_view.class_masks().items()}
+    held_classes = held_view.class_masks()
+    syn_classes = x.synthetic.class_masks()
+    ref_images = x.train[torch.from_numpy(ref_rows)]
+    groups: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+        "overall": (np.ones(len(ref_rows), bool), np.ones(len(x.images), bool),
+                    np.ones(len(x.heldout), bool))}
+    if syn_classes and train_classes:
+        for name in CLASS_DEFINITIONS:
+            groups[name] = (train_classes[name], syn_classes[name], held_classes[name])
+    out: dict[str, Any] = {}
+    for i, (name, (r, s, h)) in enumerate(groups.items()):
+        seed = a.seed + 101 * i
+        entry = feature_metrics(feats["train"][r], feats["synthetic"][s], a.nearest_k,
+                                a.two_sample_folds, seed)
+        entry["msssim_synthetic"] = msssim_pairs(x.images[torch.tensor(s)], a.msssim_pairs,
+                                                 seed)
+        entry["msssim_real"] = msssim_pairs(ref_images[torch.tensor(r)], a.msssim_pairs, seed)
+        reference = feature_metrics(feats["train"][r], feats["heldout"][h], a.nearest_k,
+                                    a.two_sample_folds, seed)
+        entry["reference"] = {"n_heldout": reference.pop("n_synthetic"),
+                              **{k: reference[k] for k in QUALITY_KEYS}}
+        out[name] = entry
+    critic = CriticSettings(folds=a.two_sample_folds, steps=a.pixel_critic_steps,
+                            batch_size=a.encoder.batch_size, lr=a.encoder.lr, seed=a.seed)
+    out["overall"]["two_sample_auc_pixels"] = (
+        pixel_two_sample_auc(ref_images, x.images, critic, device)
+        if a.pixel_critic_steps > 0 else None)
+    return {"overall": out.pop("overall"), "per_class": out}
+
+
+def _privacy_doc(check: PrivacyCheck, table: Any, shown: int) -> dict[str, Any]:
+    closest = table.sort_values("ncc", ascending=False, kind="stable").head(shown)
+    return {
+        "similarity": "normalised cross-correlation of both views, nearest real training image",
+        "heldout_splits": list(HELDOUT_SPLITS),
+        "quantile": check.quantile,
+        "threshold_ncc": check.threshold_ncc,
+        "threshold_ssim": check.threshold_ssim,
+        "heldout": {"n": len(check.heldout_ncc), "ncc": summary(check.heldout_ncc),
+                    "ssim": summary(check.heldout_ssim)},
+        "synthetic": {"n": len(check.ncc), "ncc": summary(check.ncc),
+                      "ssim": summary(check.ssim)},
+        "withheld": int(check.withheld.sum()),
+        "released": int((~check.withheld).sum()),
+        "withheld_fraction": float(check.withheld.mean()) if len(check.withheld) else 0.0,
+        "over_ssim_threshold": int((check.ssim > check.threshold_ssim).sum()),
+        "closest": closest.to_dict(orient="records"),
+    }
+
+
+def dvc_metrics(quality: dict[str, Any], privacy: dict[str, Any], encoder: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The key numbers for ``dvc metrics`` (no timings, no paths)."""
+    overall = quality["overall"]
+    keep = ("fid", "precision", "recall", "density", "coverage", "two_sample_auc",
+            "msssim_synthetic", "msssim_real")
+    return {
+        "synthetic": privacy["synthetic"]["n"],
+        "released": privacy["released"],
+        "withheld": privacy["withheld"],
+        "withheld_fraction": privacy["withheld_fraction"],
+        "privacy": {"threshold_ncc": privacy["threshold_ncc"],
+                    "max_ncc": privacy["synthetic"]["ncc"]["max"],
+                    "median_ncc": privacy["synthetic"]["ncc"]["median"],
+                    "heldout_median_ncc": privacy["heldout"]["ncc"]["median"]},
+        "quality": {**{k: overall[k] for k in keep},
+                    "two_sample_auc_pixels": overall["two_sample_auc_pixels"],
+                    "fid_reference": overall["reference"]["fid"],
+                    "two_sample_auc_reference": overall["reference"]["two_sample_auc"]},
+        "per_class": {name: {"n_synthetic": entry["n_synthetic"],
+                             **{k: entry[k] for k in keep}}
+                      for name, entry in quality["per_class"].items()},
+        "encoder": {f"heldout_{k}": v for k, v in encoder["heldout"].items()},
+    }
+
+
+def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None = None
+              ) -> AuditResult:
+    """Audit a synthetic dataset against the real one and write the released subset.
+
+    Args:
+        cfg: the validated parameters (``audit``, ``ingest.output``, ``synthesize.output``,
+            ``reports_dir`` and ``mlflow`` are used).
+        synthetic: synthetic dataset folder (default ``audit.synthetic`` or
+            ``synthesize.output``).
+        processed: real processed dataset folder (default ``ingest.output``).
+
+    Returns:
+        The headline numbers and paths.
+
+    Raises:
+        AuditInputError: (a ValueError; FileNotFoundError too when something is missing) an
+            input that cannot be audited, with the path and the reason.
+    """
+    a = cfg.audit
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    processed = Path(processed or cfg.ingest.output)
+    synthetic_root = Path(synthetic or a.synthetic or cfg.synthesize.output)
+    x = _load(processed, synthetic_root)
+    timings["load"] = time.perf_counter() - started
+    digests = {"processed": dvc_dir_hash(processed), "synthetic": dvc_dir_hash(synthetic_root)}
+    device = pick_device()
+    tags = {"synthdx.processed": str(processed), "synthdx.synthetic": str(synthetic_root),
+            "synthdx.synthetic_digest": digests["synthetic"]}
+    with stage_run(cfg.mlflow, "audit", tags) as run:
+        log_params({"audit": a.model_dump(mode="json"), "device": str(device),
+                    "image_size": list(x.synthetic.size)})
+        tick = time.perf_counter()
+        train_manifest = x.real.manifest[x.train_mask]
+        held_manifest = x.real.manifest[x.heldout_mask]
+        encoder, info = train_encoder(
+            x.train, train_manifest["perugini_grade"].to_numpy(),
+            train_manifest["metastasis"].to_numpy(dtype=bool), a.encoder, device)
+        info.heldout = heldout_skill(encoder, x.heldout,
+                                     held_manifest["perugini_grade"].to_numpy(),
+                                     held_manifest["metastasis"].to_numpy(dtype=bool))
+        timings["encoder"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        rng = np.random.default_rng(a.seed)
+        ref_rows = np.sort(rng.permutation(len(x.train))[:a.max_real])
+        feats = standardise({"train": embed(encoder, x.train[torch.from_numpy(ref_rows)]),
+                             "heldout": embed(encoder, x.heldout),
+                             "synthetic": embed(encoder, x.images)})
+        quality = _quality(a, x, feats, ref_rows, device)
+        timings["quality"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        check = check_privacy(x.images, x.train, x.heldout, a.privacy.quantile, device)
+        table = nearest_table(x.synthetic, train_manifest, check.nearest, check.ncc,
+                              check.ssim, check.withheld)
+        privacy = _privacy_doc(check, table, a.privacy.pairs_shown)
+        timings["privacy"] = time.perf_counter() - tick
+
+        encoder_doc = {**asdict(info), "architecture": "MONAI ResidualUnit CNN, multi-task "
+                       "(Perugini grade 4-way, metastasis)", "device": str(device)}
+        metrics = dvc_metrics(quality, privacy, encoder_doc)
+        document = {
+            "generator": "synthdx audit",
+            "inputs": {"processed": str(processed), "synthetic": str(synthetic_root),
+                       "digests": digests, "image_size": list(x.synthetic.size),
+                       "real_train": int(x.train_mask.sum()),
+                       "real_train_in_quality_metrics": len(ref_rows),
+                       "real_heldout": int(x.heldout_mask.sum()),
+                       "synthetic_images": len(x.images)},
+            "classes": CLASS_DEFINITIONS,
+            "encoder": encoder_doc,
+            "quality": quality,
+            "privacy": privacy,
+            "config": a.model_dump(mode="json"),
+            "mlflow_run_id": run.info.run_id,
+        }
+        output = Path(a.output)
+        with atomic_dir(output) as tmp:
+            released = write_released(x.synthetic, ~check.withheld, tmp / RELEASED_DIR)
+            table.to_csv(tmp / NEAREST_CSV, index=False)
+            table[table["withheld"]].drop(columns="withheld").to_csv(tmp / WITHHELD_CSV,
+                                                                     index=False)
+            plot_pairs(tmp / PAIRS_PNG, x.images, x.train, table, check.nearest,
+                       a.privacy.pairs_shown)
+            timings["total"] = time.perf_counter() - started
+            write_json(tmp / AUDIT_JSON, {**document, "timings_seconds": timings})
+        metrics_path = Path(cfg.reports_dir) / METRICS_FILE
+        write_json(metrics_path, metrics)
+        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics({f"seconds/{k}": v for k, v in timings.items()})
+        for name in (AUDIT_JSON, PAIRS_PNG, WITHHELD_CSV, NEAREST_CSV):
+            mlflow.log_artifact(str(output / name))
+    overall = quality["overall"]
+    return AuditResult(
+        output=output, metrics_path=metrics_path, synthetic=len(x.images), released=released,
+        withheld=privacy["withheld"], threshold_ncc=check.threshold_ncc,
+        max_ncc=float(check.ncc.max()), fid=overall["fid"],
+        fid_reference=overall["reference"]["fid"], precision=overall["precision"],
+        recall=overall["recall"], coverage=overall["coverage"],
+        two_sample_auc_features=overall["two_sample_auc"],
+        two_sample_auc_pixels=overall["two_sample_auc_pixels"],
+        seconds=time.perf_counter() - started, mlflow_run_id=run.info.run_id)
