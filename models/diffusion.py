@@ -4,6 +4,14 @@ The network is MONAI's DiffusionModelUNet with its single-factor class embedding
 ``ConditionEmbedding`` (several factors at once, each with a null index). Training is standard
 DDPM epsilon prediction with condition dropout, so a single model provides both the conditional
 and the unconditional noise estimate that classifier-free guidance combines at sampling time.
+
+Speed options (all off by default except fused AdamW on CUDA; none of them changes the model's
+weights, its checkpoints or what it computes beyond floating-point rounding, so none is a
+hyper-parameter and none takes part in the resume check): ``compile`` (torch.compile of the
+UNet), ``channels_last`` (NHWC convolutions), ``flash_attention`` (PyTorch's fused
+scaled-dot-product attention in MONAI's attention blocks), ``fused_adamw`` and, on CUDA,
+``tf32`` / ``cudnn_benchmark`` (process-wide backend flags). ``benchmarks/bench_diffusion.py``
+measures what they buy.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
+from torch import nn
 
 from models.conditioning import ConditionEmbedding, ConditionSpec
 
@@ -42,6 +52,8 @@ def build_unet(
     num_head_channels: int | Sequence[int],
     norm_num_groups: int,
     spec: ConditionSpec,
+    *,
+    flash_attention: bool = False,
 ) -> DiffusionModelUNet:
     """A 2-D, two-view DiffusionModelUNet conditioned on the factors in ``spec``.
 
@@ -56,6 +68,10 @@ def build_unet(
         num_head_channels: channels per attention head.
         norm_num_groups: GroupNorm groups; must divide every entry of ``channels``.
         spec: the condition factors.
+        flash_attention: use ``torch.nn.functional.scaled_dot_product_attention`` (flash /
+            memory-efficient kernels on GPUs) instead of MONAI's explicit softmax(QK^T)V. Same
+            parameters, same result up to rounding; the explicit form stores a (tokens x
+            tokens) matrix per head for the backward pass.
     """
     unet = DiffusionModelUNet(
         spatial_dims=2,
@@ -68,10 +84,32 @@ def build_unet(
                            else tuple(num_head_channels)),
         norm_num_groups=norm_num_groups,
         num_class_embeds=sum(c + 1 for c in spec.cardinalities),
+        use_flash_attention=flash_attention,
     )
     time_embed_dim = unet.class_embedding.embedding_dim
     unet.class_embedding = ConditionEmbedding(spec.cardinalities, time_embed_dim)
     return unet
+
+
+def set_flash_attention(unet: nn.Module, enabled: bool = True) -> int:
+    """Switch every MONAI attention block of ``unet`` to (or from) fused SDPA attention.
+
+    Why: a model rebuilt from saved hyper-parameters (``load_model``) has MONAI's default
+    explicit attention; sampling can switch to the fused kernels without rebuilding, since
+    both forms use the same parameters.
+
+    Returns:
+        The number of attention blocks switched.
+    """
+    count = 0
+    for block in unet.modules():
+        if isinstance(block, SABlock):
+            if enabled and (block.save_attn or block.rel_positional_embedding is not None):
+                raise ValueError("fused attention cannot save attention maps or use relative "
+                                 "positional embeddings")
+            block.use_flash_attention = enabled
+            count += 1
+    return count
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -86,6 +124,14 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""What the network predicts (MONAI scheduler ``prediction_type``)."""
+
+SPEED_OPTIONS = ("compile", "channels_last", "flash_attention", "fused_adamw", "tf32",
+                 "cudnn_benchmark")
+"""``DiffusionModule`` arguments that change speed, not the model (kept out of ``hparams``)."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -112,6 +158,24 @@ class DiffusionModule(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         val_seed: seed of the fixed noise and timesteps used for validation, so validation
             losses are comparable across epochs and runs.
+        compile: ``torch.compile`` the UNet when fitting starts (after the EMA callback has
+            copied the module, so the average model stays a plain module). The first steps
+            then pay the compilation; later ones fuse GroupNorm/SiLU/residual arithmetic.
+        channels_last: keep convolution weights (and inputs, in ``forward``) in NHWC layout,
+            the layout tensor-core convolution kernels prefer.
+        flash_attention: see ``build_unet``.
+        fused_adamw: the single-kernel AdamW; ``None`` means fused when the parameters are on
+            CUDA (where it is several kernels per step fewer) and the default implementation
+            elsewhere.
+        tf32: on CUDA, allow TF32 tensor cores for float32 matmuls and convolutions when
+            fitting starts (a process-wide flag; under bf16-mixed it only affects the few ops
+            autocast keeps in float32).
+        cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms for the (fixed)
+            training shapes when fitting starts (process-wide flag).
+
+    The speed options are not saved as hyper-parameters: they change neither the weights nor
+    the checkpoint format, so a run may be resumed with them switched and a saved model is
+    rebuilt without them.
     """
 
     def __init__(
@@ -133,18 +197,35 @@ class DiffusionModule(L.LightningModule):
         max_steps: int = 10_000,
         min_lr_ratio: float = 0.05,
         val_seed: int = 0,
+        prediction_type: str = "epsilon",
+        *,
+        compile: bool = False,  # noqa: A002 - the name the configuration uses
+        channels_last: bool = False,
+        flash_attention: bool = False,
+        fused_adamw: bool | None = None,
+        tf32: bool = False,
+        cudnn_benchmark: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         self.spec = spec if isinstance(spec, ConditionSpec) else ConditionSpec.from_dict(spec)
-        self.save_hyperparameters(ignore=["spec"])
+        self.save_hyperparameters(ignore=["spec", *SPEED_OPTIONS])
         self.hparams["spec"] = self.spec.to_dict()
+        self.speed_options: dict[str, bool | None] = {
+            "compile": compile, "channels_last": channels_last,
+            "flash_attention": flash_attention, "fused_adamw": fused_adamw, "tf32": tf32,
+            "cudnn_benchmark": cudnn_benchmark}
         self.unet = build_unet(channels, attention_levels, num_res_blocks, num_head_channels,
-                               norm_num_groups, self.spec)
+                               norm_num_groups, self.spec, flash_attention=flash_attention)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {prediction_type!r}")
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, schedule=schedule,
-            beta_start=beta_start, beta_end=beta_end,
+            beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
         )
         self.register_buffer("null_cond", torch.tensor(self.spec.null_indices, dtype=torch.long),
                              persistent=False)
@@ -155,11 +236,27 @@ class DiffusionModule(L.LightningModule):
         hp = self.hparams
         return {"num_train_timesteps": int(hp["num_train_timesteps"]),
                 "schedule": str(hp["schedule"]), "beta_start": float(hp["beta_start"]),
-                "beta_end": float(hp["beta_end"])}
+                "beta_end": float(hp["beta_end"]),
+                "prediction_type": str(hp.get("prediction_type", "epsilon"))}
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Predicted noise for noisy images ``x`` at ``timesteps`` under condition ``cond``."""
+        if self.speed_options["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.unet(x, timesteps, class_labels=cond)
+
+    def on_fit_start(self) -> None:
+        """Apply the speed options that need the device, or must follow callback setup."""
+        opts = self.speed_options
+        if self.device.type == "cuda":
+            if opts["tf32"]:
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            if opts["cudnn_benchmark"]:
+                torch.backends.cudnn.benchmark = True
+        if opts["compile"] and getattr(self.unet, "_compiled_call_impl", None) is None:
+            # In place (nn.Module.compile): parameter names and state_dict keys are unchanged.
+            self.unet.compile()
 
     def drop_condition(self, cond: torch.Tensor, generator: torch.Generator | None = None
                        ) -> torch.Tensor:
@@ -172,7 +269,14 @@ class DiffusionModule(L.LightningModule):
 
     def diffusion_loss(self, images: torch.Tensor, cond: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Epsilon-prediction MSE at uniformly drawn timesteps for images in [0, 1]."""
+        """Prediction MSE at uniformly drawn timesteps for images in [0, 1].
+
+        The target is the noise (``epsilon``) or the velocity ``sqrt(abar) * eps -
+        sqrt(1 - abar) * x0`` (``v_prediction``). Velocity keeps the high-noise end learnable:
+        there an epsilon model must be very precise for its implied x0 (``eps`` divided by
+        ``sqrt(abar)`` ~ 0.02) to be usable, so short runs sample grey noise; a velocity
+        model predicts x0 directly at that end.
+        """
         x0 = to_model_range(images)
         b = x0.shape[0]
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -180,7 +284,9 @@ class DiffusionModule(L.LightningModule):
                           generator=generator)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self(noisy, t, cond)
-        return F.mse_loss(pred.float(), noise.float())
+        target = (noise if self.noise_scheduler.prediction_type == "epsilon"
+                  else self.noise_scheduler.get_velocity(x0, noise, t))
+        return F.mse_loss(pred.float(), target.float())
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One DDPM step; logs ``train/loss`` and the current ``lr``."""
@@ -206,8 +312,12 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with a per-step warm-up + cosine schedule."""
         hp = self.hparams
+        fused = self.speed_options["fused_adamw"]
+        if fused is None and self.device.type == "cuda":
+            fused = True
+        extra = {"fused": True} if fused else {}
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp["lr"],
-                                      weight_decay=hp["weight_decay"])
+                                      weight_decay=hp["weight_decay"], **extra)
         warmup, total, floor = int(hp["warmup_steps"]), int(hp["max_steps"]), hp["min_lr_ratio"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, floor)

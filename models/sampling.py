@@ -12,6 +12,7 @@ accelerators). Noise is drawn on the CPU and moved, so it is also the same on ev
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -30,14 +31,17 @@ def make_scheduler(
     schedule: str,
     beta_start: float,
     beta_end: float,
+    prediction_type: str = "epsilon",
 ) -> DDIMScheduler | DDPMScheduler:
     """A MONAI sampling scheduler with the noise schedule the model was trained with."""
     if kind == "ddim":
         return DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
-                             beta_start=beta_start, beta_end=beta_end)
+                             beta_start=beta_start, beta_end=beta_end,
+                             prediction_type=prediction_type)
     if kind == "ddpm":
         return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
-                             beta_start=beta_start, beta_end=beta_end)
+                             beta_start=beta_start, beta_end=beta_end,
+                             prediction_type=prediction_type)
     raise ValueError(f"scheduler_kind must be 'ddim' or 'ddpm', got {kind!r}")
 
 
@@ -72,6 +76,8 @@ def sample(
     beta_start: float = 0.0005,
     beta_end: float = 0.0195,
     eta: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Generate one image per (condition row, seed) with classifier-free guidance.
 
@@ -101,6 +107,13 @@ def sample(
         beta_start: the trained schedule's first beta.
         beta_end: the trained schedule's last beta.
         eta: DDIM stochasticity (0 = deterministic DDIM).
+        autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16`` on a GPU: about twice the throughput on tensor cores). Its
+            output is cast back to float32 before the guidance combination and the scheduler
+            step, so the cancellation in ``eps_c - eps_u`` and the update of ``x`` keep full
+            precision. ``None`` (default) runs in the network's own dtype, exactly as before.
+        prediction_type: what the network predicts (``epsilon`` or ``v_prediction``); the
+            guidance combination is linear, so it applies to either.
 
     Returns:
         (B, *shape) float tensor in [0, 1] on ``device``.
@@ -113,7 +126,7 @@ def sample(
                          f"({num_train_timesteps}); use DDIM for fewer steps")
     device = torch.device(device)
     scheduler = make_scheduler(scheduler_kind, num_train_timesteps, schedule, beta_start,
-                               beta_end)
+                               beta_end, prediction_type)
     scheduler.set_timesteps(num_inference_steps)
     gens = _generators(seeds)
     b = len(seeds)
@@ -122,6 +135,11 @@ def sample(
     guided = guidance_scale != 1.0
     labels = torch.cat([cond, nulls.expand(b, -1)]) if guided else cond
     stochastic = scheduler_kind == "ddpm" or eta > 0.0
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
 
     was_training = model_unet.training
     model_unet.eval()
@@ -132,7 +150,10 @@ def sample(
                 step_t = int(t)
                 x_in = torch.cat([x, x]) if guided else x
                 t_in = torch.full((x_in.shape[0],), step_t, dtype=torch.long, device=device)
-                out = model_unet(x_in, t_in, class_labels=labels)
+                with autocast():
+                    out = model_unet(x_in, t_in, class_labels=labels)
+                if autocast_dtype is not None:
+                    out = out.float()
                 if guided:
                     eps_c, eps_u = out.chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)

@@ -198,6 +198,9 @@ class DiffusionConfig(_Strict):
     network: DiffusionNetworkConfig = DiffusionNetworkConfig()
     num_train_timesteps: Annotated[int, Field(ge=10, le=4000)] = 1000
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "scaled_linear_beta"
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction", description="What the UNet predicts; velocity trains the high-noise "
+                                    "end faster, which short runs need.")
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
     lr: PositiveFloat = 2e-4
     warmup_steps: Annotated[int, Field(ge=0)] = 50

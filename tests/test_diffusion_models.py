@@ -171,6 +171,32 @@ def test_warmup_cosine_schedule() -> None:
     assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
 
 
+def test_velocity_prediction_targets_velocity_and_samples(spec: ConditionSpec) -> None:
+    """A v-prediction model regresses sqrt(abar)*eps - sqrt(1-abar)*x0 and samples with it."""
+    torch.manual_seed(0)
+    module = DiffusionModule(spec, channels=(8, 8), attention_levels=(False, False),
+                             norm_num_groups=4, num_head_channels=8, num_train_timesteps=50,
+                             prediction_type="v_prediction").eval()
+    images = torch.rand(3, 2, ROWS, COLS)
+    cond = torch.zeros(3, len(spec.names), dtype=torch.long)
+    loss = module.diffusion_loss(images, cond, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    x0 = images * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, 50, (3,), generator=gen)
+    abar = module.noise_scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    velocity = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    with torch.no_grad():
+        pred = module(module.noise_scheduler.add_noise(x0, noise, t), t, cond)
+    assert float(loss) == pytest.approx(float(((pred - velocity) ** 2).mean()), rel=1e-5)
+    assert module.noise_schedule["prediction_type"] == "v_prediction"
+    out = sample(module.unet, "ddim", 5, cond[:1], 2.0, [1], (2, ROWS, COLS), "cpu",
+                 null_cond=spec.null_indices, **module.noise_schedule)
+    assert out.shape == (1, 2, ROWS, COLS) and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionModule(spec, prediction_type="x0")
+
+
 def test_training_lowers_loss_and_logs(trained) -> None:  # noqa: ANN001
     module, losses, metrics = trained
     assert len(losses) == 30

@@ -74,7 +74,8 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         spec, channels=net.channels, attention_levels=net.attention_levels,
         num_res_blocks=net.num_res_blocks, num_head_channels=net.num_head_channels,
         norm_num_groups=net.norm_num_groups, num_train_timesteps=cfg.num_train_timesteps,
-        schedule=cfg.schedule, cond_dropout=cfg.cond_dropout, lr=cfg.lr,
+        schedule=cfg.schedule, prediction_type=cfg.prediction_type,
+        cond_dropout=cfg.cond_dropout, lr=cfg.lr,
         warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed)
 
 
