@@ -185,6 +185,21 @@ class DiffusionNetworkConfig(_Strict):
         return self
 
 
+class DiffusionSpeedConfig(_Strict):
+    """Speed options: same model and checkpoints, faster steps (see models/diffusion.py).
+
+    All off in the CPU demo; the GPU profile turns them on (benchmarks/bench_diffusion.py
+    measures what each buys).
+    """
+
+    compile: bool = Field(False, description="torch.compile the UNet when fitting starts.")
+    channels_last: bool = False
+    flash_attention: bool = Field(False, description="PyTorch fused SDPA attention.")
+    fused_adamw: bool | None = Field(None, description="null: fused AdamW on CUDA only.")
+    tf32: bool = False
+    cudnn_benchmark: bool = False
+
+
 class DiffusionConfig(_Strict):
     """Class-conditional diffusion training (stage train_diffusion)."""
 
@@ -221,6 +236,7 @@ class DiffusionConfig(_Strict):
     resume: bool = True
     augment: bool = True
     seed: int = 1234
+    speed: DiffusionSpeedConfig = DiffusionSpeedConfig()
     registered_model_name: str | None = Field(
         "synthdx-bone-scan-diffusion",
         description="MLflow registered model the final EMA model becomes a version of "

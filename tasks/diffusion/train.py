@@ -76,7 +76,8 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         norm_num_groups=net.norm_num_groups, num_train_timesteps=cfg.num_train_timesteps,
         schedule=cfg.schedule, prediction_type=cfg.prediction_type,
         cond_dropout=cfg.cond_dropout, lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed)
+        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed,
+        **cfg.speed.model_dump())
 
 
 def _logger(cfg: Config, run_tags: dict[str, str]) -> MLFlowLogger:

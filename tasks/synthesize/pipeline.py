@@ -142,8 +142,10 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
     manifest = read_manifest(cfg.ingest.output)
     plan = build_plan(s.groups, module.spec, manifest[manifest["split"] == "train"], s.seed)
 
+    # Fabric only launches and connects the ranks; precision is handled inside sample() so
+    # that only the network runs in bf16 (guidance and scheduler steps stay fp32).
     fabric = Fabric(accelerator=s.accelerator, devices=s.devices, num_nodes=s.num_nodes,
-                    strategy=s.strategy, precision=resolve_precision(s))
+                    strategy=s.strategy)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     key = _run_key(ref, plan, s, world)
@@ -155,7 +157,9 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
     else:
         mine = plan.iloc[rank::world]
         module.to(fabric.device)
-        images = generate_rows(module, mine, size, s, fabric.device, autocast=fabric.autocast,
+        bf16 = resolve_precision(s) == "bf16-mixed"
+        images = generate_rows(module, mine, size, s, fabric.device,
+                               autocast_dtype=torch.bfloat16 if bf16 else None,
                                progress=_progress(rank))
         shard_dir.mkdir(parents=True, exist_ok=True)
         _save_shard(shard, mine["index"].to_numpy(), images)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -18,7 +17,7 @@ Progress = Callable[[int, int], None]
 
 def generate_rows(module: DiffusionModule, rows: pd.DataFrame, size: tuple[int, int],
                   cfg: SynthesizeConfig, device: torch.device,
-                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                  autocast_dtype: torch.dtype | None = None,
                   progress: Progress | None = None) -> np.ndarray:
     """Sample every row of ``rows`` (``cond_index`` and ``seed`` columns), in batches.
 
@@ -31,7 +30,8 @@ def generate_rows(module: DiffusionModule, rows: pd.DataFrame, size: tuple[int, 
         size: (rows, cols) of each view.
         cfg: sampler settings.
         device: where the network runs.
-        autocast: a context factory (e.g. Fabric's bf16 autocast) wrapped around each batch.
+        autocast_dtype: run the network under autocast with this dtype (bf16 on GPUs); the
+            guidance combination and scheduler steps stay in fp32 (see models.sampling).
         progress: called with (done, total) after each batch.
 
     Returns:
@@ -42,13 +42,11 @@ def generate_rows(module: DiffusionModule, rows: pd.DataFrame, size: tuple[int, 
     seeds = rows["seed"].to_numpy(dtype=np.int64)
     for start in range(0, len(rows), cfg.batch_size):
         stop = min(start + cfg.batch_size, len(rows))
-        context = autocast() if autocast is not None else contextlib.nullcontext()
-        with context:
-            images = sample(module.unet, cfg.sampler, cfg.steps,
-                            torch.from_numpy(conds[start:stop]), cfg.guidance_scale,
-                            seeds[start:stop].tolist(), (2, *size), device,
-                            null_cond=module.spec.null_indices, eta=cfg.eta,
-                            **module.noise_schedule)
+        images = sample(module.unet, cfg.sampler, cfg.steps,
+                        torch.from_numpy(conds[start:stop]), cfg.guidance_scale,
+                        seeds[start:stop].tolist(), (2, *size), device,
+                        null_cond=module.spec.null_indices, eta=cfg.eta,
+                        autocast_dtype=autocast_dtype, **module.noise_schedule)
         out[start:stop] = images.float().cpu().numpy().astype(np.float16)
         if progress is not None:
             progress(stop, len(rows))
