@@ -23,12 +23,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	dvc repro ingest
+	dvc repro audit
 	@echo
 	@echo "Outputs:"
 	@echo "  raw DICOM archive + labels : data/raw/ (montage: data/raw/montage.png)"
 	@echo "  processed dataset          : data/processed/ (manifest.parquet, images.npy)"
 	@echo "  ingest report              : data/processed/ingest_report.json"
+	@echo "  diffusion model            : data/diffusion/model.pt (registered in MLflow)"
+	@echo "  synthetic dataset          : data/synthetic/ (montage.png, dicom/)"
+	@echo "  audit + released set       : data/audit/audit.json, data/audit/released/"
 	@echo "  MLflow runs                : mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: setup

@@ -70,8 +70,8 @@ def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
             canvas[top:top + rows_px, left + cols_px + GAP:left + 2 * cols_px + GAP] = pair[1]
             row = by_index.loc[index]
             captions.append((left + cols_px + GAP / 2, top - 1,
-                             f"{site} ({row['split']}) "
-                             f"{_label(row['perugini_grade'], 'P{}')} "
+                             (f"{site} ({row['split']}) " if by == "site" else "")
+                             + f"{_label(row['perugini_grade'], 'P{}')} "
                              f"met {_label(row['metastasis'], '{}')}"))
     scale = 1.0 / 80  # inches per pixel at 80 dpi: one image pixel per screen pixel
     fig = plt.figure(figsize=(max(canvas.shape[1] * scale, 4), canvas.shape[0] * scale + 0.3),
