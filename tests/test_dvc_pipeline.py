@@ -27,7 +27,12 @@ def test_dvc_yaml_declares_phantom_and_ingest():
     assert spec["phantom"]["outs"] == ["data/raw"]
     assert "data/raw" in spec["ingest"]["deps"]
     assert spec["ingest"]["outs"] == ["data/processed"]
-    assert spec["ingest"]["params"] == ["ingest"]
+    assert spec["ingest"]["params"] == ["profile", "ingest"]
+    order = ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
+    assert list(spec)[:5] == order
+    for before, after in zip(order[1:-1], order[2:], strict=True):
+        assert spec[before]["outs"][0] in spec[after]["deps"]  # the DAG is declared by files
+    assert "reports/audit_metrics.json" in str(spec["audit"]["metrics"])
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     root.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    for folder in ("tasks", "models"):
+    for folder in ("tasks", "models", "profiles"):
         shutil.copytree(REPO / folder, root / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())

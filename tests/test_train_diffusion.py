@@ -64,7 +64,7 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
 
     module = load_model(tmp_path / "model")
     images = sample(module.unet, "ddim", 5, torch.tensor([[2, 1]]), 2.0, [7], (2, ROWS, COLS),
-                    "cpu", null_cond=module.spec.null_indices, num_train_timesteps=50)
+                    "cpu", null_cond=module.spec.null_indices, **module.noise_schedule)
     assert images.shape == (1, 2, ROWS, COLS)
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
