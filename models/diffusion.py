@@ -227,8 +227,6 @@ class DiffusionModule(L.LightningModule):
             num_train_timesteps=num_train_timesteps, schedule=schedule,
             beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
         )
-        self.register_buffer("null_cond", torch.tensor(self.spec.null_indices, dtype=torch.long),
-                             persistent=False)
 
     @property
     def noise_schedule(self) -> dict[str, Any]:
@@ -265,7 +263,10 @@ class DiffusionModule(L.LightningModule):
         if p <= 0.0:
             return cond
         drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < p
-        return torch.where(drop[:, None], self.null_cond.to(cond.device), cond)
+        # Built from the spec each time, not kept as a buffer: Lightning's EMA averages every
+        # buffer in floating point, which truncates integer indices (3 -> 2 at decay 0.9999).
+        nulls = torch.tensor(self.spec.null_indices, dtype=torch.long, device=cond.device)
+        return torch.where(drop[:, None], nulls, cond)
 
     def diffusion_loss(self, images: torch.Tensor, cond: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from models.sampling import sample
@@ -79,6 +80,11 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
     served = pyfunc.predict(request, params={"steps": 5, "guidance_scale": 2.0})
     assert served.shape == (1, 2, ROWS, COLS)
     np.testing.assert_allclose(served, images.numpy(), atol=1e-5)
+
+    # Resuming a finished run trains nothing and keeps the real loss and speed on record.
+    third = train_diffusion(_cfg(tmp_path, 10), processed=data)
+    assert third.global_step == 10 and third.final_loss == pytest.approx(second.final_loss)
+    assert third.images_per_second == pytest.approx(second.images_per_second)
 
 
 def test_checkpoint_of_another_model_is_not_resumed(tmp_path, mlflow_uri):

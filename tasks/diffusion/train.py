@@ -139,6 +139,8 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
         output=Path(d.output), global_step=trainer.global_step, resumed_from=resume,
         final_loss=float(loss) if loss is not None else None, seconds=seconds,
         images_per_second=ips, mlflow_run_id=logger.run_id)
+    if steps == 0:
+        summary = _carry_over(summary, Path(d.output) / SUMMARY_NAME)
     if trainer.is_global_zero:
         logger.log_metrics({"train/images_per_second": ips}, step=trainer.global_step)
         _write_model(module, summary, d)
@@ -149,6 +151,21 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
             summary = replace(summary, registered_model=registered)
             _write_summary(Path(d.output) / SUMMARY_NAME, summary)
     return summary
+
+
+def _carry_over(summary: TrainSummary, previous: Path) -> TrainSummary:
+    """Keep the loss and speed of the run that trained these weights when this one did not.
+
+    Why: resuming a finished run (``max_steps`` already reached) trains nothing; its summary
+    would otherwise replace the real loss and throughput with "n/a" and 0.
+    """
+    if not previous.is_file():
+        return summary
+    old = json.loads(previous.read_text())
+    if old.get("global_step") != summary.global_step:
+        return summary
+    return replace(summary, final_loss=old.get("final_loss"), seconds=old.get("seconds", 0.0),
+                   images_per_second=old.get("images_per_second", 0.0))
 
 
 def flops_per_batch(cfg: DiffusionConfig, spec: ConditionSpec) -> int:
