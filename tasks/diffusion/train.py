@@ -26,6 +26,7 @@ from models.conditioning import ConditionSpec
 from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
 from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.common.precision import auto_precision
 from tasks.common.tracking import PARENT_ENV
 from tasks.config import Config, DiffusionConfig
 
@@ -60,11 +61,7 @@ class TrainSummary:
 
 def resolve_precision(cfg: DiffusionConfig) -> str:
     """``auto`` means bf16 mixed precision on a CUDA GPU and full fp32 on the CPU."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (
-        cfg.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return auto_precision(cfg.precision, cfg.accelerator)
 
 
 def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:

@@ -24,6 +24,7 @@ import torch
 from models.data import read_manifest
 from tasks.common.atomic import atomic_dir, atomic_write_bytes
 from tasks.common.montage import write_montage
+from tasks.common.precision import auto_precision
 from tasks.config import Config, SynthesizeConfig
 from tasks.diffusion.train import load_model
 from tasks.synthesize.dicom_export import export_dicom
@@ -65,11 +66,7 @@ class SynthesizeResult:
 
 def resolve_precision(cfg: SynthesizeConfig) -> str:
     """``auto`` means bf16 autocast on a CUDA GPU and fp32 on the CPU (as in training)."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (
-        cfg.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return auto_precision(cfg.precision, cfg.accelerator)
 
 
 def _run_key(ref: ModelRef, plan: pd.DataFrame, cfg: SynthesizeConfig, world: int) -> str:
