@@ -225,9 +225,15 @@ def _write_summary(path: Path, summary: TrainSummary) -> None:
         "registered_model": summary.registered_model}, indent=2))
 
 
-def load_model(output: Path) -> DiffusionModule:
-    """Rebuild the trained module (EMA weights) from ``diffusion.output``."""
+def load_trained(output: Path) -> tuple[DiffusionModule, tuple[int, int]]:
+    """The trained module (EMA weights) and its (rows, cols) image size, from one read."""
     payload = torch.load(Path(output) / MODEL_NAME, map_location="cpu", weights_only=False)
     module = DiffusionModule(**payload["hparams"])
     module.load_state_dict(payload["state_dict"])
-    return module.eval()
+    rows, cols = payload["image_size"]
+    return module.eval(), (int(rows), int(cols))
+
+
+def load_model(output: Path) -> DiffusionModule:
+    """Rebuild the trained module (EMA weights) from ``diffusion.output``."""
+    return load_trained(output)[0]

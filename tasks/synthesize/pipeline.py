@@ -26,7 +26,7 @@ from tasks.common.atomic import atomic_dir, atomic_write_bytes
 from tasks.common.montage import write_montage
 from tasks.common.precision import auto_precision
 from tasks.config import Config, SynthesizeConfig
-from tasks.diffusion.train import load_model
+from tasks.diffusion.train import load_trained
 from tasks.synthesize.dicom_export import export_dicom
 from tasks.synthesize.model_ref import ModelRef, model_ref
 from tasks.synthesize.plan import build_plan, typed_labels
@@ -134,8 +134,7 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
     s = cfg.synthesize
     started = time.perf_counter()
     ref = model_ref(Path(s.model or cfg.diffusion.output))
-    module = load_model(ref.path)
-    size = _model_size(ref.path)
+    module, size = load_trained(ref.path)
     manifest = read_manifest(cfg.ingest.output)
     plan = build_plan(s.groups, module.spec, manifest[manifest["split"] == "train"], s.seed)
 
@@ -191,13 +190,6 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
         images_per_second=len(table) / max(seconds, 1e-9), world_size=world,
         model_version=ref.version, reused_shards=reused, dicom_files=dicom_files,
         extra={"report": report})
-
-
-def _model_size(folder: Path) -> tuple[int, int]:
-    payload = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False,
-                         mmap=True)
-    rows, cols = payload["image_size"]
-    return int(rows), int(cols)
 
 
 def _progress(rank: int):  # noqa: ANN202 - a tiny closure
