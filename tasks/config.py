@@ -70,6 +70,11 @@ class CameraConfig(_Strict):
     background_cps: Annotated[float, Field(ge=0, le=5)] = Field(
         0.15, description="Room / scatter background, mean counts per pixel."
     )
+    scatter_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.2, description="Share of the recorded counts that are Compton scatter accepted by "
+                         "the energy window, spread broadly (wider windows and older "
+                         "crystals accept more); it lowers the contrast of every finding."
+    )
     tracer: Literal["DPD", "HMDP", "MDP"] = "HMDP"
     transfer_syntax: Literal["explicit_le", "implicit_le", "rle", "jpeg_ls", "jpeg2000"] = (
         "explicit_le"

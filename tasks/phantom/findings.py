@@ -60,7 +60,7 @@ def cardiac_modifiers(grade: int, rng: np.random.Generator, tracer: str) -> tupl
     if grade <= 1:
         return 1.0, 1.0
     if grade == 2:
-        return float(rng.uniform(0.75, 0.9)), 1.0
+        return float(rng.uniform(0.8, 1.0)), 1.0
     soft = float(rng.uniform(1.6, 2.4) * (1.2 if tracer == "DPD" else 1.0))
     return float(rng.uniform(0.35, 0.6)), soft
 
@@ -71,19 +71,33 @@ def superscan_modifiers(rng: np.random.Generator) -> dict[str, float]:
             "kidney": float(rng.uniform(0.0, 0.15)), "bladder": float(rng.uniform(0.2, 0.5))}
 
 
-def add_cardiac(cv: Canvas, anchors: Anchors, grade: int, rng: np.random.Generator) -> None:
+TRACER_CARDIAC_AVIDITY = {"DPD": 1.0, "HMDP": 0.85, "MDP": 0.55}
+"""How strongly each tracer binds transthyretin amyloid, relative to DPD.
+
+DPD and HMDP are the recommended tracers for ATTR; MDP binds it weakly, so the same disease
+looks a grade milder on an MDP scan (a real source of missed amyloidosis between sites).
+"""
+
+PERUGINI_RELATIVE_UPTAKE = {1: (0.25, 0.7), 2: (0.6, 1.2), 3: (1.3, 2.4)}
+"""Cardiac uptake relative to rib uptake per grade (DPD). The ranges of grades 1 and 2 overlap
+on purpose: readers disagree most on that boundary, which is the positive threshold."""
+
+
+def add_cardiac(cv: Canvas, anchors: Anchors, grade: int, rng: np.random.Generator,
+                tracer: str = "DPD") -> None:
     """Myocardial uptake for a Perugini grade, relative to the patient's rib uptake.
 
     Grade 0 still has a faint blood pool. The myocardium is a hollow ellipsoid whose long
-    axis points down to the patient's left, behind the sternum.
+    axis points down to the patient's left, behind the sternum. The grade is the disease's
+    (the label); how bright it looks also depends on the tracer's affinity for amyloid.
     """
     heart = anchors.region("heart")[0]
     if grade == 0:
         cv.ellipse("front", (heart.x, heart.y), (58, 46), 0.012, angle_deg=-35, profile="dome")
         return
     rib = float(np.mean([a.uptake for a in anchors.region("rib")]))
-    lo, hi = {1: (0.25, 0.55), 2: (0.85, 1.2), 3: (1.6, 2.6)}[grade]
-    rel = rng.uniform(lo, hi)
+    lo, hi = PERUGINI_RELATIVE_UPTAKE[grade]
+    rel = rng.uniform(lo, hi) * TRACER_CARDIAC_AVIDITY[tracer]
     size = rng.uniform(0.9, 1.15)
     cv.ellipse("front", (heart.x + rng.normal(0, 5), heart.y + rng.normal(0, 6)),
                (62 * size, 45 * size), rel * rib * 2.1, angle_deg=-35 + rng.normal(0, 6),

@@ -2,8 +2,9 @@
 
 For each depth layer and each head: attenuation by the tissue in front of it
 (exp(-mu d), broad-beam mu for 140 keV in soft tissue), collimator blur that grows with the
-distance to the collimator (LEHR resolution is quoted at 10 cm), then scaling to the site's
-total counts, a flat room/scatter background and Poisson counting noise. The posterior view is
+distance to the collimator (LEHR resolution is quoted at 10 cm), the share of scattered
+photons the energy window accepts (spread over centimetres, it lowers contrast), then scaling
+to the site's total counts, a flat room/scatter background and Poisson counting noise. The posterior view is
 mirrored, as cameras display it.
 """
 
@@ -34,6 +35,11 @@ class Acquisition:
     total_counts: float  # expected counts in the anterior view
     background_per_pixel: float
     intensity_scale: float
+    scatter_fraction: float = 0.0
+
+
+SCATTER_FWHM_MM = 60.0
+"""Width of the scatter spread: scattered photons land centimetres from where they left."""
 
 
 def fwhm_mm(fwhm_at_10cm: float, distance_cm: float) -> float:
@@ -58,6 +64,10 @@ def project(cv: Canvas, thickness_cm: float, acq: Acquisition) -> tuple[np.ndarr
             total += np.exp(-MU_PER_CM * d) * gaussian_filter(layer, sigma_px, truncate=3.0)
         if view == "anterior":
             total *= gaussian_filter(cv.ant_transmission, 2.0)
+        if acq.scatter_fraction > 0:
+            sigma_px = SCATTER_FWHM_MM / 2.355 / acq.pixel_mm
+            total = ((1.0 - acq.scatter_fraction) * total
+                     + acq.scatter_fraction * gaussian_filter(total, sigma_px, truncate=3.0))
         views.append(total)
     ant, post = views
     return ant, post[:, ::-1]

@@ -62,7 +62,7 @@ def render_study(spec: StudySpec, site: SiteConfig, rows: int, cols: int,
 
     rec = FindingsRecord(perugini_grade=spec.perugini_grade, metastasis=spec.metastasis,
                          superscan=spec.superscan)
-    add_cardiac(cv, anchors, spec.perugini_grade, rng)
+    add_cardiac(cv, anchors, spec.perugini_grade, rng, cam.tracer)
     if spec.metastasis:
         rec.lesion_count = add_metastases(cv, anchors, rng, spec.superscan)
     if confounders:
@@ -83,7 +83,8 @@ def render_study(spec: StudySpec, site: SiteConfig, rows: int, cols: int,
               * float(np.exp(-0.02 * (spec.bmi - 26))))
     acq = Acquisition(fwhm_mm_at_10cm=cam.fwhm_mm_at_10cm, pixel_mm=pixel,
                       total_counts=counts, background_per_pixel=cam.background_cps,
-                      intensity_scale=cam.intensity_scale)
+                      intensity_scale=cam.intensity_scale,
+                      scatter_fraction=cam.scatter_fraction)
     ant, post = project(cv, body.thickness_cm, acq)
     views = acquire(ant, post, acq, rng)
     facts = {"weight_kg": spec.bmi * spec.height_m**2, "height_m": spec.height_m,
