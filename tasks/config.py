@@ -349,6 +349,105 @@ class AuditConfig(_Strict):
     seed: int = 4242
 
 
+TaskName = Literal["amyloidosis", "metastasis"]
+RegimeName = Literal["real", "real_limited", "synthetic", "real_limited+synthetic",
+                     "real+synthetic"]
+
+
+class ClassifierNetworkConfig(_Strict):
+    """The downstream network: a MONAI 2-D ResNet (widths and depth set here) or DenseNet121."""
+
+    architecture: Literal["resnet", "densenet121"] = "resnet"
+    layers: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [1, 1, 1, 1], description="ResNet basic blocks per stage ([2, 2, 2, 2] is ResNet-18).")
+    widths: list[Annotated[int, Field(ge=4, le=2048)]] = Field(
+        [16, 32, 64, 128], description="ResNet channels per stage.")
+    dropout: Fraction = 0.2
+
+    @model_validator(mode="after")
+    def _stages(self) -> ClassifierNetworkConfig:
+        if len(self.layers) != len(self.widths):
+            raise ValueError(f"network.layers ({len(self.layers)} stages) and network.widths "
+                             f"({len(self.widths)} stages) must have the same length")
+        return self
+
+
+class ClassifierConfig(_Strict):
+    """Downstream classifiers per task and training regime (stage train_classifier)."""
+
+    processed: Path | None = Field(None, description="Real dataset; default ingest.output.")
+    synthetic: Path | None = Field(
+        None, description="Audited synthetic set; default <audit.output>/released.")
+    output: Path = Field(Path("data/classifiers"),
+                         description="<output>/<task>/<regime>/seed<k>/ per model.")
+    tasks: list[TaskName] = ["amyloidosis", "metastasis"]
+    regimes: list[RegimeName] = ["real", "real_limited", "synthetic", "real_limited+synthetic",
+                                 "real+synthetic"]
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
+        [0, 1, 2], description="One model per seed and regime; differences between regimes are "
+                               "judged against the spread between seeds.")
+    limited_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.1, description="real_limited: this stratified fraction of the internal training "
+                         "split (drawn per seed, the same draw in every regime using it).")
+    image_rows: Annotated[int, Field(ge=16, le=2048)] | None = Field(
+        None, description="Input size; default the synthetic set's size (real images are "
+                          "area-resized to it, so real and synthetic share one resolution).")
+    image_cols: Annotated[int, Field(ge=8, le=512)] | None = None
+    network: ClassifierNetworkConfig = ClassifierNetworkConfig()
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    max_steps: Annotated[int, Field(ge=1)] = Field(
+        300, description="Optimiser steps per model: the same budget in every regime.")
+    val_every_n_steps: Annotated[int, Field(ge=1)] = Field(
+        50, description="Validate (AUC on the internal validation split) every N steps; the "
+                        "best weights by that AUC are kept.")
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    class_balance: Literal["sampler", "pos_weight", "none"] = Field(
+        "sampler", description="sampler: each batch half positives (rare findings); "
+                               "pos_weight: weighted loss.")
+    augment: bool = True
+    threshold: Literal["youden", "sensitivity_90", "balanced_accuracy"] = Field(
+        "youden", description="How the operating threshold is picked on the internal "
+                              "validation split (never on test or external data).")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU, 32-true on the CPU.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    registered_model_prefix: str | None = Field(
+        "synthdx-classifier", description="The best model per task (internal validation AUC) "
+                                          "is registered as <prefix>-<task> with alias "
+                                          "'champion' by the validate stage (null: no "
+                                          "registry).")
+
+
+class ValidateConfig(_Strict):
+    """Every classifier on the internal test split and each external site (stage validate)."""
+
+    classifiers: Path | None = Field(None, description="Default classifier.output.")
+    output: Path = Field(Path("reports"), description="validation.json, validation.html, "
+                                                      "validation_metrics.json, validation/.")
+    bootstrap: Annotated[int, Field(ge=100, le=100_000)] = Field(
+        1000, description="Stratified bootstrap resamples for the AUC confidence interval.")
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 10
+    age_bands: list[float] = Field(
+        [0, 60, 70, 80, 150], description="Edges of the age bands of the subgroup table.")
+    comparisons: list[tuple[RegimeName, RegimeName]] = Field(
+        [("real_limited+synthetic", "real_limited"), ("real+synthetic", "real"),
+         ("synthetic", "real_limited")],
+        description="(with, without) regime pairs compared case by case (DeLong).")
+    seed: int = 31337
+
+    @field_validator("age_bands")
+    @classmethod
+    def _increasing(cls, edges: list[float]) -> list[float]:
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"age_bands must be at least two increasing edges, got {edges}")
+        return edges
+
+
 class MlflowConfig(_Strict):
     """Where runs are tracked; MLFLOW_TRACKING_URI overrides the default SQLite store."""
 
@@ -377,6 +476,8 @@ class Config(_Strict):
     diffusion: DiffusionConfig = DiffusionConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
     audit: AuditConfig = AuditConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    validation: ValidateConfig = ValidateConfig()
 
     @model_validator(mode="after")
     def _ddpm_steps(self) -> Config:

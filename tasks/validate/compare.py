@@ -1,0 +1,143 @@
+"""Paired comparison of two training regimes on the same cases: did adding synthetic data help?
+
+For each (with, without) pair and each evaluation set: the difference of the seed ensembles'
+AUCs with DeLong's test (correlated ROC curves: the same cases scored by both), its relative
+size in percent of the AUC without (how the published study reports it, e.g. "+33 +- 10 %"),
+and the per-seed differences, seeds paired by seed value, as mean +- sd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tasks.validate.assess import ensemble, mean_sd
+from tasks.validate.delong import delong_test
+from tasks.validate.evalsets import EvalSet
+from tasks.validate.inputs import TaskCases
+from tasks.validate.metrics import auc
+
+BETTER = "better"
+WORSE = "worse"
+NO_DIFFERENCE = "no significant difference"
+NOT_ASSESSABLE = "not assessable"
+VERDICTS = (BETTER, WORSE, NO_DIFFERENCE, NOT_ASSESSABLE)
+
+
+def verdict(delta: float | None, p_value: float | None, alpha: float) -> str:
+    """One word for a reader: better / worse when ``p < alpha``, else no significant difference."""
+    if delta is None or p_value is None:
+        return NOT_ASSESSABLE
+    if p_value < alpha:
+        return BETTER if delta > 0 else WORSE
+    return NO_DIFFERENCE
+
+
+def relative_pct(delta: float | None, reference: float | None) -> float | None:
+    """``delta / reference * 100`` (``None`` when either is missing or the reference is 0)."""
+    if delta is None or reference is None or reference == 0:
+        return None
+    return delta / reference * 100.0
+
+
+def _per_seed(cases: TaskCases, with_: str, without: str, seeds: list[int],
+              keep: np.ndarray) -> list[dict[str, Any]]:
+    y = cases.labels[keep]
+    rows = []
+    for seed in seeds:
+        a = auc(y, cases.scores[(with_, seed)][keep])
+        b = auc(y, cases.scores[(without, seed)][keep])
+        delta = a - b if a is not None and b is not None else None
+        rows.append({"seed": seed, "auc_with": a, "auc_without": b, "delta_auc": delta,
+                     "relative_change_pct": relative_pct(delta, b)})
+    return rows
+
+
+def compare_on_set(cases: TaskCases, with_: str, without: str, es: EvalSet,
+                   confidence: float) -> dict[str, Any]:
+    """Ensemble DeLong comparison plus per-seed differences of one regime pair on one set."""
+    keep = es.mask(cases.cases)
+    y = cases.labels[keep]
+    ens_with, ens_without = ensemble(cases, with_), ensemble(cases, without)
+    seeds = sorted(set(ens_with.seeds) & set(ens_without.seeds))
+    per_seed = _per_seed(cases, with_, without, seeds, keep)
+    doc: dict[str, Any] = {
+        "n": int(y.size), "positives": int(y.sum()),
+        "auc_with": auc(y, ens_with.scores[keep]),
+        "auc_without": auc(y, ens_without.scores[keep]),
+        "delta_auc": None, "delta_ci_low": None, "delta_ci_high": None, "se": None,
+        "z": None, "p_value": None, "relative_change_pct": None, "note": None,
+    }
+    try:
+        test = delong_test(y, ens_with.scores[keep], ens_without.scores[keep], confidence)
+    except ValueError as exc:
+        doc["note"] = f"DeLong test not possible: {exc}"
+    else:
+        doc.update(delta_auc=test.delta, delta_ci_low=test.ci_low, delta_ci_high=test.ci_high,
+                   se=test.se, z=test.z if np.isfinite(test.z) else None,
+                   p_value=test.p_value,
+                   relative_change_pct=relative_pct(test.delta, test.auc_b))
+    doc["verdict"] = verdict(doc["delta_auc"], doc["p_value"], 1.0 - confidence)
+    doc["seed_delta_auc"] = mean_sd([r["delta_auc"] for r in per_seed])
+    doc["seed_relative_change_pct"] = mean_sd([r["relative_change_pct"] for r in per_seed])
+    doc["per_seed"] = per_seed
+    return doc
+
+
+def external_summary(per_set: dict[str, dict[str, Any]], sets: list[EvalSet]
+                     ) -> dict[str, Any] | None:
+    """Mean over external sites: ensemble Delta AUC and relative change, sites by verdict.
+
+    ``seed_relative_change_pct`` first averages each seed's relative change over the external
+    sites, then takes mean +- sd over seeds: the spread a reader should judge the mean against.
+    """
+    external = [es.key for es in sets if not es.internal]
+    if not external:
+        return None
+    docs = [per_set[k] for k in external if per_set[k]["delta_auc"] is not None]
+    by_seed: dict[int, list[float]] = {}
+    by_seed_delta: dict[int, list[float]] = {}
+    for key in external:
+        for row in per_set[key]["per_seed"]:
+            if row["relative_change_pct"] is not None:
+                by_seed.setdefault(row["seed"], []).append(row["relative_change_pct"])
+            if row["delta_auc"] is not None:
+                by_seed_delta.setdefault(row["seed"], []).append(row["delta_auc"])
+    delta = mean_sd([d["delta_auc"] for d in docs])
+    rel = mean_sd([d["relative_change_pct"] for d in docs])
+    verdicts = [per_set[k]["verdict"] for k in external]
+    return {
+        "sites": external, "n_sites": delta["n"],
+        "delta_auc_mean": delta["mean"], "delta_auc_sd": delta["sd"],
+        "relative_change_pct_mean": rel["mean"], "relative_change_pct_sd": rel["sd"],
+        "sites_better": verdicts.count(BETTER), "sites_worse": verdicts.count(WORSE),
+        "sites_no_difference": verdicts.count(NO_DIFFERENCE),
+        "seed_delta_auc": mean_sd([float(np.mean(v)) for v in by_seed_delta.values()]),
+        "seed_relative_change_pct": mean_sd([float(np.mean(v)) for v in by_seed.values()]),
+    }
+
+
+def compare_regimes(cases: TaskCases, pairs: list[tuple[str, str]], sets: list[EvalSet],
+                    confidence: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every configured (with, without) pair present for this task.
+
+    Returns:
+        ``(comparisons, skipped)``: a pair with a regime absent from the task's models is
+        listed in ``skipped`` with the reason, not silently dropped.
+    """
+    present = {r for r, _ in cases.scores}
+    done, skipped = [], []
+    for with_, without in pairs:
+        missing = [r for r in (with_, without) if r not in present]
+        if missing:
+            skipped.append({"with": with_, "without": without,
+                            "reason": "no model of regime " + " or ".join(missing)})
+            continue
+        per_set = {es.key: compare_on_set(cases, with_, without, es, confidence)
+                   for es in sets}
+        seeds = sorted({s for r, s in cases.scores if r == with_}
+                       & {s for r, s in cases.scores if r == without})
+        done.append({"with": with_, "without": without, "paired_seeds": seeds,
+                     "sets": per_set, "external": external_summary(per_set, sets)})
+    return done, skipped

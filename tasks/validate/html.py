@@ -1,0 +1,116 @@
+"""The clinician-readable report: one self-contained HTML page (reports/validation.html).
+
+Self-contained means one file that opens anywhere, offline, and can be attached to an email or
+archived with the study: CSS inline, figures embedded as base64 PNG data URIs, no scripts, no
+links out. The template is ``templates/validation.html.j2`` (Jinja2, autoescaped).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from tasks.validate.figures import SetFigures
+from tasks.validate.subgroups import MIN_PER_CLASS
+
+TEMPLATE_DIR = Path(__file__).with_name("templates")
+TEMPLATE = "validation.html.j2"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:+.{digits}f}"
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:+.{digits}f} %"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _mean_sd(summary: Mapping[str, Any] | None, fmt: str = "num") -> str:
+    if not summary or summary.get("mean") is None:
+        return "n/a"
+    f = {"num": _num, "signed": _signed, "pct": _pct}[fmt]
+    sd = summary.get("sd")
+    text = f(summary["mean"])
+    if sd is not None:
+        text += f" ± {_num(sd) if fmt != 'pct' else f'{sd:.1f} %'}"
+    return f"{text} (n={summary.get('n', 0)})"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)),
+                      autoescape=select_autoescape(["html", "j2"], default=True),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(num=_num, signed=_signed, pct=_pct, pvalue=_p, mean_sd=_mean_sd)
+    return env
+
+
+def _subgroup_rows(task_doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Pivot the subgroup list: one row per (regime, variable, group), one cell per set."""
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for item in task_doc["subgroups"]:
+        key = (item["regime"], item["variable"], item["group"])
+        row = rows.setdefault(key, {"regime": key[0], "variable": key[1], "group": key[2],
+                                    "cells": {}})
+        row["cells"][item["set"]] = item
+    order = {r: i for i, r in enumerate(task_doc["regimes"])}
+    return sorted(rows.values(), key=lambda r: (order.get(r["regime"], 99),
+                                                r["variable"] != "sex"))
+
+
+def _headline(comparison: Mapping[str, Any]) -> str:
+    """One sentence per comparison over the external sites, in plain words."""
+    ext = comparison.get("external")
+    if not ext or not ext["n_sites"]:
+        return "No external site could be compared."
+    return (f"At {ext['sites_better']} of {len(ext['sites'])} external sites the model with "
+            f"{comparison['with']} was significantly better, at {ext['sites_worse']} "
+            f"significantly worse; mean change in AUC over external sites "
+            f"{_signed(ext['delta_auc_mean'])} ({_pct(ext['relative_change_pct_mean'])}; "
+            f"per seed {_mean_sd(ext['seed_relative_change_pct'], 'pct')}).")
+
+
+def render_html(report: Mapping[str, Any],
+                figures: Mapping[tuple[str, str], SetFigures]) -> str:
+    """Render the report page from the validation JSON and the figure files it refers to."""
+    sets_by_key = {s["key"]: s for s in report["eval_sets"]}
+    tasks = []
+    for task, doc in report["tasks"].items():
+        sets = [sets_by_key[k] for k in doc["eval_sets"]]
+        plots = []
+        for es in sets:
+            files = figures.get((task, es["key"]))
+            if files is not None:
+                plots.append({"set": es, "roc": _data_uri(files.roc_png),
+                              "calibration": _data_uri(files.calibration_png)})
+        comparisons = [dict(c, headline=_headline(c)) for c in doc["comparisons"]]
+        tasks.append({"name": task, "doc": doc, "sets": sets, "plots": plots,
+                      "comparisons": comparisons,
+                      "subgroups": _subgroup_rows(doc),
+                      "provenance": [p for p in report["provenance"] if p["task"] == task]})
+    return _environment().get_template(TEMPLATE).render(report=report, tasks=tasks,
+                                                         min_per_class=MIN_PER_CLASS)
