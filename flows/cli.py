@@ -196,6 +196,48 @@ def audit_cmd(
     typer.echo(result.describe())
 
 
+@app.command("train-classifier")
+def train_classifier_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    task: Annotated[list[str] | None, typer.Option(
+        "--task", help="Task to train (repeatable; default: classifier.tasks).")] = None,
+    regime: Annotated[list[str] | None, typer.Option(
+        "--regime", help="Training regime (repeatable; default: classifier.regimes).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimiser steps per model.")] = None,
+) -> None:
+    """Train the downstream classifiers (every seed of each task x regime asked for)."""
+    cfg = _load(params, set_, _options("classifier", max_steps=max_steps))
+    _project_prefect_home()
+    from flows.train_classifier import train_classifier_flow
+    from tasks.classifier.labels import LabelError
+
+    try:
+        summary = train_classifier_flow(cfg, task or None, regime or None)
+    except (ValueError, OSError, LabelError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(summary.describe())
+
+
+@app.command("validate")
+def validate_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    classifiers: Annotated[Path | None, typer.Option(help="Classifiers folder.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Reports folder.")] = None,
+) -> None:
+    """Validate every classifier per site; write reports/validation.{json,html}; champions."""
+    cfg = _load(params, set_, _options("validation", classifiers=classifiers, output=output))
+    _project_prefect_home()
+    from flows.validate import validate_flow
+
+    try:
+        summary = validate_flow(cfg)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(summary.describe())
+
+
 def main() -> None:
     """Entry point for ``python -m flows.cli``."""
     app()

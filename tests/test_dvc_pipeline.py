@@ -75,3 +75,20 @@ def test_dvc_repro_builds_both_stages_then_does_nothing(project):
     assert "Running stage" not in second.stdout
     status = _run([dvc, "status", "ingest"], root, env)
     assert "up to date" in status.stdout.lower()
+
+
+def test_dvc_yaml_runs_one_classifier_stage_per_task_and_regime():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stage = spec["train_classifier"]
+    assert stage["matrix"] == {"task": "${classifier.tasks}", "regime": "${classifier.regimes}"}
+    assert stage["outs"] == ["data/classifiers/${item.task}/${item.regime}"]
+    assert {"data/processed", "data/audit"} <= set(stage["deps"])
+    assert "data/classifiers" in spec["validate"]["deps"]
+    assert "reports/validation_metrics.json" in str(spec["validate"]["metrics"])
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    listed = _run([str(BIN / "dvc"), "stage", "list", "--name-only"], REPO, env).stdout.split()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["classifier"]
+    expected = {f"train_classifier@{t}-{r}" for t in params["tasks"] for r in params["regimes"]}
+    assert expected <= set(listed)
+    assert listed[-1] == "validate"

@@ -4,8 +4,8 @@ For each depth layer and each head: attenuation by the tissue in front of it
 (exp(-mu d), broad-beam mu for 140 keV in soft tissue), collimator blur that grows with the
 distance to the collimator (LEHR resolution is quoted at 10 cm), the share of scattered
 photons the energy window accepts (spread over centimetres, it lowers contrast), then scaling
-to the site's total counts, a flat room/scatter background and Poisson counting noise. The posterior view is
-mirrored, as cameras display it.
+to the site's total counts, a flat room/scatter background and Poisson counting noise. The
+posterior view is mirrored, as cameras display it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,127 @@
+"""Register the best classifier of each task in the MLflow Model Registry as ``champion``.
+
+"Best" is the highest AUC on the internal validation split (ties: the earlier regime in the
+canonical order, then the lower seed). Never a test or external number: choosing the champion
+on the data it is reported on would make its reported performance optimistic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, get_args
+
+from tasks.config import Config, RegimeName
+
+CHAMPION = "champion"
+ARTIFACT_NAME = "classifier"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+REGIME_ORDER = get_args(RegimeName)
+
+
+def pick_champions(infos: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The champion model info of each task (by internal validation AUC)."""
+    best: dict[str, dict[str, Any]] = {}
+
+    def key(info: dict[str, Any]) -> tuple[float, int, int]:
+        regime = info["regime"]
+        order = REGIME_ORDER.index(regime) if regime in REGIME_ORDER else len(REGIME_ORDER)
+        auc = info.get("val_auc")
+        return (float(auc) if auc is not None else -1.0, -order, -int(info["seed"]))
+
+    for info in infos:
+        task = info["task"]
+        if task not in best or key(info) > key(best[task]):
+            best[task] = info
+    return best
+
+
+def register_champions(cfg: Config, infos: list[dict[str, Any]],
+                       external: dict[str, dict[str, float | None]] | None = None
+                       ) -> dict[str, dict[str, str]]:
+    """Log each task's champion as a pyfunc in its training run and point ``champion`` at it.
+
+    Args:
+        cfg: parameters (``classifier.registered_model_prefix``, ``mlflow``).
+        infos: every model.json (with ``path``), as read from the classifiers folder.
+        external: optional ``{task: {metric: value}}`` written as version tags (the validation
+            stage's external AUCs), for a reader of the registry.
+
+    Returns:
+        ``{task: {"name", "version", "model_uri", "regime", "seed", "run_id"}}``; empty when
+        registration is off (prefix null) or a model has no MLflow run.
+    """
+    prefix = cfg.classifier.registered_model_prefix
+    if not prefix:
+        return {}
+    import mlflow
+    from mlflow import MlflowClient
+
+    import models.classifier
+
+    uri = cfg.mlflow.resolved_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    registered: dict[str, dict[str, str]] = {}
+    for task, info in sorted(pick_champions(infos).items()):
+        run_id = info.get("mlflow_run_id")
+        if not run_id:
+            continue
+        name = f"{prefix}-{task}"
+        version = _current_champion(client, name, run_id)
+        if version is None:
+            folder = Path(info["path"])
+            # nested: the validate run is active; reopening the training run adds no parent.
+            with mlflow.start_run(run_id=run_id, nested=True):
+                logged = mlflow.pyfunc.log_model(
+                    name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),
+                    artifacts={"weights": str(folder / "model.pt"),
+                               "info": str(folder / "model.json")},
+                    code_paths=[str(Path(models.classifier.__file__).parent)],
+                    pip_requirements=_requirements(), registered_model_name=name,
+                    signature=_signature(), await_registration_for=30)
+            version = str(logged.registered_model_version)
+            client.set_registered_model_alias(name, CHAMPION, version)
+        tags = {"task": task, "regime": info["regime"], "seed": str(info["seed"]),
+                "val_auc": str(info.get("val_auc")), "threshold": str(info["threshold"]),
+                "selected_by": "internal validation AUC"}
+        for metric, value in (external or {}).get(task, {}).items():
+            tags[metric] = "n/a" if value is None else f"{value:.4f}"
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        registered[task] = {"name": name, "version": version,
+                            "model_uri": f"models:/{name}@{CHAMPION}", "regime": info["regime"],
+                            "seed": str(info["seed"]), "run_id": run_id}
+    return registered
+
+
+def _current_champion(client: Any, name: str, run_id: str) -> str | None:
+    """The version behind ``champion`` if it is already this run's model, else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return str(version.version) if version.run_id == run_id else None
+
+
+def _signature() -> Any:
+    """Input: float32 images (n, 2, H, W), any H and W; output: ``score`` and ``positive``.
+
+    H and W are left open: the model area-resizes to its own input size (``image_size`` in
+    model.json), so scans at the archive's resolution can be passed as they are.
+    """
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2, -1, -1))]),
+        outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "positive")]))
+
+
+def _requirements() -> list[str]:
+    from importlib import metadata
+
+    return [f"{p}=={metadata.version(p)}" for p in ("torch", "monai", "lightning", "pandas",
+                                                    "numpy", "mlflow", "torchmetrics")]

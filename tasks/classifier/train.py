@@ -1,0 +1,188 @@
+"""Train one downstream classifier and write its model folder.
+
+A model folder ``<task>/<regime>/seed<k>/`` holds::
+
+    model.pt             weights + hyper-parameters + input size (rebuilds the module)
+    model.json           task, regime, seed, threshold (chosen on the internal validation
+                         split), validation AUC, training-set composition, lineage, MLflow run
+    predictions.parquet  one row per validation, internal test and external case: study_uid,
+                         pseudo_id, site, split, sex, age, label, score
+
+The validation stage reads only model.json and predictions.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import set_track_meta
+from sklearn.metrics import roc_auc_score
+
+from models.classifier import KeepBestWeights, ScanClassifier, predict_scores
+from models.classifier_data import ClassifierDataModule, LabelledImages
+from tasks.classifier.inputs import ClassifierInputs
+from tasks.classifier.labels import task_labels
+from tasks.classifier.regimes import TrainingSet
+from tasks.classifier.threshold import choose_threshold
+from tasks.common.precision import auto_precision
+from tasks.config import ClassifierConfig
+
+MODEL_FILE = "model.pt"
+INFO_FILE = "model.json"
+PREDICTIONS_FILE = "predictions.parquet"
+SCORED_SPLITS = ("val", "test", "external")
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """One trained classifier and its scores on the held-out cases."""
+
+    module: ScanClassifier
+    info: dict[str, Any]
+    predictions: pd.DataFrame
+
+
+def build_classifier(cfg: ClassifierConfig, task: str, pos_weight: float | None
+                     ) -> ScanClassifier:
+    """The LightningModule from the classifier parameters."""
+    net = cfg.network
+    return ScanClassifier(architecture=net.architecture, layers=list(net.layers),
+                          widths=list(net.widths), dropout=net.dropout, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay, max_steps=cfg.max_steps,
+                          warmup_steps=cfg.warmup_steps, pos_weight=pos_weight, task=task)
+
+
+def training_images(inputs: ClassifierInputs, training: TrainingSet) -> torch.Tensor:
+    """The training set's images, parts in order (real first, then synthetic)."""
+    chunks = []
+    for part in training.parts:
+        source = inputs.real if part.source == "real" else inputs.synthetic
+        if source is None:
+            raise ValueError(f"regime {training.regime!r} needs the synthetic set")
+        chunks.append(source.take(part.indices))
+    return torch.cat(chunks)
+
+
+def scored_cases(inputs: ClassifierInputs, task: str) -> pd.DataFrame:
+    """The real cases every model is scored on: validation, internal test and external."""
+    manifest = inputs.real.manifest
+    rows = manifest[manifest["split"].isin(SCORED_SPLITS)].sort_values("index")
+    if not (rows["split"] == "val").any():
+        raise ValueError(f"{inputs.real.root}: no validation split; the threshold must be "
+                         "chosen on internal validation cases")
+    labels = task_labels(rows, task, str(inputs.real.root))
+    return pd.DataFrame({
+        "index": rows["index"].to_numpy(dtype=np.int64),
+        "study_uid": rows["study_uid"].astype(str).to_numpy(),
+        "pseudo_id": rows["pseudo_id"].astype(str).to_numpy(),
+        "site": rows["site"].astype(str).to_numpy(),
+        "split": rows["split"].astype(str).to_numpy(),
+        "sex": rows["sex"].astype("string").fillna("unknown").astype(str).to_numpy(),
+        "age": pd.to_numeric(rows["age"], errors="coerce").to_numpy(dtype=np.float64),
+        "label": labels,
+    })
+
+
+def _pos_weight(cfg: ClassifierConfig, labels: np.ndarray) -> float | None:
+    if cfg.class_balance != "pos_weight":
+        return None
+    pos = int(labels.sum())
+    return float((len(labels) - pos) / pos) if pos else None
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
+
+
+def train_model(cfg: ClassifierConfig, inputs: ClassifierInputs, training: TrainingSet,
+                logger: Any = None) -> TrainedModel:
+    """Train one model on ``training``, select its weights and threshold on validation only.
+
+    Args:
+        cfg: classifier parameters.
+        inputs: the stage's data sources.
+        training: which images this model trains on.
+        logger: a Lightning logger (the model's MLflow run) or None.
+
+    Raises:
+        ValueError: a training set with only one class (nothing to learn: the message says
+            which regime and task).
+    """
+    labels = training.labels
+    if labels.min() == labels.max():
+        raise ValueError(f"{training.task}/{training.regime} seed {training.seed}: the "
+                         f"training set has only {'positive' if labels[0] else 'negative'} "
+                         f"cases ({len(labels)} images); raise classifier.limited_fraction")
+    L.seed_everything(training.seed, workers=True, verbose=False)
+    # Plain tensors through MONAI's transforms: its metadata tracking halves augmentation
+    # speed and nothing here reads the metadata (a process-wide MONAI switch; this stage's
+    # process only trains classifiers).
+    set_track_meta(False)
+    cases = scored_cases(inputs, training.task)
+    val = cases[cases["split"] == "val"]
+    train_set = LabelledImages(training_images(inputs, training), labels, augment=cfg.augment)
+    val_set = LabelledImages(inputs.real.take(val["index"].to_numpy()), val["label"].to_numpy())
+    data = ClassifierDataModule(train_set, val_set, cfg.batch_size, cfg.max_steps,
+                                seed=training.seed, balance=cfg.class_balance == "sampler",
+                                num_workers=cfg.num_workers)
+    module = build_classifier(cfg, training.task, _pos_weight(cfg, labels))
+    best = KeepBestWeights()
+    precision = auto_precision(cfg.precision, cfg.accelerator)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, precision=precision,
+        max_steps=cfg.max_steps, max_epochs=1, val_check_interval=min(cfg.val_every_n_steps,
+                                                                      cfg.max_steps),
+        logger=logger if logger is not None else False, callbacks=[best],
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=min(10, cfg.max_steps), deterministic=False,
+        enable_progress_bar=False)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - started
+    device = module.device
+    scores = predict_scores(module, inputs.real.take(cases["index"].to_numpy()),
+                            device=device).numpy().astype(np.float64)
+    predictions = cases.drop(columns=["index"]).assign(score=scores)
+    is_val = predictions["split"].to_numpy() == "val"
+    val_labels, val_scores = predictions["label"].to_numpy()[is_val], scores[is_val]
+    threshold = choose_threshold(val_labels, val_scores, cfg.threshold)
+    info = {
+        "task": training.task, "regime": training.regime, "seed": training.seed,
+        "threshold": threshold, "threshold_rule": cfg.threshold,
+        "threshold_split": "val", "val_auc": _auc(val_labels, val_scores),
+        "val_cases": int(is_val.sum()), "val_positives": int(val_labels.sum()),
+        "selected_step": best.best_step, "steps": int(trainer.global_step),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(trainer.global_step * cfg.batch_size / max(seconds, 1e-9), 2),
+        "precision": precision, "image_size": list(inputs.size),
+        "training_set": training.summary(), "lineage": dict(inputs.lineage),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return TrainedModel(module=module.cpu(), info=info, predictions=predictions)
+
+
+def write_model_folder(folder: Path, model: TrainedModel) -> None:
+    """Write model.pt, model.json and predictions.parquet into ``folder`` (which must exist)."""
+    torch.save({"hparams": dict(model.module.hparams),
+                "state_dict": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
+                "image_size": model.info["image_size"]}, folder / MODEL_FILE)
+    model.predictions.to_parquet(folder / PREDICTIONS_FILE, index=False)
+    (folder / INFO_FILE).write_text(json.dumps(model.info, indent=2) + "\n", encoding="utf-8")
+
+
+def load_classifier(folder: Path) -> tuple[ScanClassifier, tuple[int, int]]:
+    """Rebuild a trained classifier (eval mode) and its input size from its folder."""
+    payload = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=False)
+    module = ScanClassifier(**payload["hparams"])
+    module.load_state_dict(payload["state_dict"])
+    rows, cols = payload["image_size"]
+    return module.eval(), (int(rows), int(cols))
