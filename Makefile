@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	dvc repro audit
+	dvc repro
+	@echo
+	@$(BIN)/python -c "import json; from tasks.validate.stage import headline_table; \
+	print(headline_table(json.load(open('reports/validation.json'))))"
 	@echo
 	@echo "Outputs:"
 	@echo "  raw DICOM archive + labels : data/raw/ (montage: data/raw/montage.png)"
@@ -32,6 +35,9 @@ run: setup
 	@echo "  diffusion model            : data/diffusion/model.pt (registered in MLflow)"
 	@echo "  synthetic dataset          : data/synthetic/ (montage.png, dicom/)"
 	@echo "  audit + released set       : data/audit/audit.json, data/audit/released/"
+	@echo "  classifiers                : data/classifiers/<task>/<regime>/seed<k>/"
+	@echo "  validation report          : reports/validation.html (numbers: reports/validation.json)"
+	@echo "  champion models            : models:/synthdx-classifier-<task>@champion (MLflow registry)"
 	@echo "  MLflow runs                : mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: setup
@@ -41,4 +47,4 @@ lint: setup
 	$(BIN)/ruff check flows tasks models benchmarks tests
 
 clean:
-	rm -rf data/raw data/processed data/quarantine reports mlflow.db
+	rm -rf data reports mlflow.db
