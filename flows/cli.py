@@ -208,6 +208,16 @@ def train_classifier_cmd(
 ) -> None:
     """Train the downstream classifiers (every seed of each task x regime asked for)."""
     cfg = _load(params, set_, _options("classifier", max_steps=max_steps))
+    from typing import get_args
+
+    from tasks.config import RegimeName, TaskName
+
+    # A typo fails here, before a Prefect server is started for nothing.
+    for kind, names, known in (("task", task, get_args(TaskName)),
+                               ("regime", regime, get_args(RegimeName))):
+        for name in names or []:
+            if name not in known:
+                raise _fail(f"unknown {kind} {name!r} (expected one of: {', '.join(known)})", 2)
     _project_prefect_home()
     from flows.train_classifier import train_classifier_flow
     from tasks.classifier.labels import LabelError

@@ -14,9 +14,14 @@ PARAMS = REPO / "params.yaml"
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for the whole session (it takes 10-20 s to start)."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
+        # Configure Prefect's console logging now, on the session's stderr: otherwise the first
+        # flow run inside typer's CliRunner binds it to that runner's stream, which is closed
+        # when the call returns, and every later flow run's log call fails.
+        ensure_logging_setup()
         yield
 
 

@@ -365,3 +365,53 @@ def test_validate_report_and_mlflow_run(stage_run) -> None:
     assert "amyloidosis.real_limited.cork.auc" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"validation.json", "validation.html", "champions.json"} <= names
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _sets(cfg_args: list[str]) -> list[str]:
+    return [item for arg in cfg_args for item in ("--set", arg)]
+
+
+def test_cli_trains_and_validates_and_names_bad_input(
+        prefect_harness: None, mlflow_uri: str, datasets: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    processed, synthetic = datasets
+    out = tmp_path / "classifiers"
+    base = [f"classifier.processed={processed}", f"classifier.synthetic={synthetic}",
+            f"classifier.output={out}", "classifier.seeds=[3]", "classifier.max_steps=20",
+            "classifier.val_every_n_steps=10", "classifier.network.widths=[8,8,16,16]",
+            f"validation.output={tmp_path / 'reports'}", "validation.bootstrap=100",
+            "validation.comparisons=[]"]
+    done = _cli(["train-classifier", "--task", "metastasis", "--regime", "real", *_sets(base)])
+    assert done.exit_code == 0, done.output
+    assert "metastasis   real" in done.output
+    assert (out / "metastasis/real/seed3/predictions.parquet").is_file()
+    before = (out / "metastasis/real/seed3/model.pt").read_bytes()
+
+    bad_task = _cli(["train-classifier", "--task", "fracture", *_sets(base)])
+    assert bad_task.exit_code == 2 and "unknown task 'fracture'" in bad_task.output
+    missing = [*base, f"classifier.synthetic={tmp_path / 'nowhere'}"]
+    no_synthetic = _cli(["train-classifier", "--task", "metastasis", "--regime", "synthetic",
+                         *_sets(missing)])
+    assert no_synthetic.exit_code == 1
+    assert "no released synthetic set" in no_synthetic.output
+    assert str(tmp_path / "nowhere") in no_synthetic.output
+    # nothing already trained was touched by the failed runs
+    assert (out / "metastasis/real/seed3/model.pt").read_bytes() == before
+
+    validated = _cli(["validate", *_sets(base)])
+    assert validated.exit_code == 0, validated.output
+    assert "champion metastasis" in validated.output
+    assert (tmp_path / "reports/validation.html").is_file()
+    no_models = _cli(["validate", "--classifiers", str(tmp_path / "empty"), *_sets(base)])
+    assert no_models.exit_code == 1
+    assert f"{tmp_path / 'empty'}: classifiers folder not found" in no_models.output
