@@ -52,6 +52,17 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread start-up costs more than it saves, and much more on a busy host."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_user_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests decide themselves whether a pseudonymisation key is set."""

@@ -34,13 +34,7 @@ REAL_SIZE = (128, 32)
 SYN_SIZE = (64, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and much more on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _draw(rng: np.random.Generator, grade: int, metastasis: bool,

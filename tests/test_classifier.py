@@ -29,13 +29,7 @@ SPLITS = {"train": 160, "val": 60, "test": 60}
 EXTERNAL = {"bergen": 60, "cork": 60}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and much more on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draw(rng: np.random.Generator, grade: int, metastasis: bool, contrast: float = 1.0
