@@ -18,13 +18,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tasks.classifier.inputs import load_inputs
 from tasks.classifier.regimes import USES_SYNTHETIC, TrainingSet, compose
 from tasks.classifier.train import TrainedModel, train_model, write_model_folder
 from tasks.common.atomic import atomic_dir
-from tasks.config import Config
+from tasks.config import Config, RegimeName, TaskName
 
 STAGE = "train_classifier"
 
@@ -57,13 +57,12 @@ def _selection(cfg: Config, tasks: list[str] | None, regimes: list[str] | None
     c = cfg.classifier
     chosen_tasks = tasks or list(c.tasks)
     chosen_regimes = regimes or list(c.regimes)
-    for name in chosen_tasks:
-        if name not in ("amyloidosis", "metastasis"):
-            raise ValueError(f"unknown task {name!r} (expected amyloidosis or metastasis)")
-    for name in chosen_regimes:
-        if name not in ("real", "real_limited", "synthetic", "real_limited+synthetic",
-                        "real+synthetic"):
-            raise ValueError(f"unknown regime {name!r}")
+    for kind, names, known in (("task", chosen_tasks, get_args(TaskName)),
+                               ("regime", chosen_regimes, get_args(RegimeName))):
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown {kind} {name!r} (expected one of: "
+                                 f"{', '.join(known)})")
     return [(t, r) for t in chosen_tasks for r in chosen_regimes]
 
 
