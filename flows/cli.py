@@ -7,6 +7,7 @@ and validates the tree before doing anything, so any run is reproducible from it
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -246,6 +247,122 @@ def validate_cmd(
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(summary.describe())
+
+
+@app.command("run")
+def run_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    profile: Annotated[str | None, typer.Option(
+        help="Profile to run (demo, gpu, ...): written to params.yaml so DVC tracks it.")
+    ] = None,
+    from_stage: Annotated[str | None, typer.Option(
+        "--from", help="Start at this stage (or matrix group) and run everything after it.")
+    ] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Run just this stage or matrix group (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Rerun the chosen stages even when they are up to date.")] = False,
+) -> None:
+    """Run the whole pipeline (dvc.yaml order): each out-of-date stage in its own process."""
+    from tasks.pipeline.dag import PipelineError
+    from tasks.pipeline.profile import set_profile
+    from tasks.pipeline.run import PipelineFailed, PipelineRequest, plan
+
+    _load(params, None)
+    if profile is not None:
+        try:
+            if set_profile(params, profile):
+                typer.echo(f"params: profile set to {profile} in {params}")
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+    _load(params, None)
+    try:  # a typo in --from/--only fails here, before any server starts
+        plan(PipelineRequest(from_stage=from_stage, only=only or None, force=force))
+    except PipelineError as exc:
+        raise _fail(str(exc), 2) from None
+    _project_prefect_home()
+    from flows.pipeline import pipeline_flow
+    from flows.prefect_api import shared_prefect_api
+
+    try:
+        with shared_prefect_api():
+            summary = pipeline_flow(params=str(params), from_stage=from_stage,
+                                    only=only or None, force=force)
+    except PipelineFailed as exc:
+        typer.echo(exc.summary.describe())
+        raise _fail(str(exc.failure)) from None
+    except PipelineError as exc:
+        raise _fail(str(exc), 2) from None
+    typer.echo(summary.describe())
+
+
+@app.command("status")
+def status_cmd(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Show which stages are up to date and the latest headline results."""
+    from tasks.pipeline.dag import PipelineError
+    from tasks.pipeline.state import describe_states, stage_states
+    from tasks.pipeline.summary import headline
+
+    cfg = _load(params, None)
+    try:
+        states = stage_states(Path("."))
+    except PipelineError as exc:
+        raise _fail(str(exc), 2) from None
+    typer.echo(f"profile: {cfg.profile}")
+    typer.echo(describe_states(states))
+    table, report = headline(cfg.validation.output)
+    if table:
+        typer.echo("\nlatest results (reports/validation.json):\n" + table)
+        if report:
+            typer.echo(f"  report: {report}")
+    else:
+        typer.echo("\nno validation results yet (synthdx run)")
+
+
+@app.command("ui")
+def ui_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the project's tracking store (Ctrl-C stops it)."""
+    import shutil
+
+    cfg = _load(params, None)
+    uri = cfg.mlflow.resolved_uri()
+    if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
+        raise _fail(f"the tracking store is a server ({uri}): open it in a browser instead", 2)
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
+    os.execv(exe, [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+
+
+@app.command("serve")
+def serve_cmd(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *' (02:00 nightly).")],
+    params: ParamsOpt = DEFAULT_PARAMS,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    timezone: Annotated[str, typer.Option(help="Time zone of the schedule.")] = "UTC",
+) -> None:
+    """Serve the pipeline on a cron schedule from this process (no prefect.yaml needed).
+
+    Needs a Prefect server (PREFECT_API_URL; see the README): the schedule lives there.
+    """
+    from prefect.schedules import Cron
+
+    _load(params, None)
+    try:
+        schedule = Cron(cron, timezone=timezone)
+    except (ValueError, KeyError) as exc:
+        raise _fail(f"--cron {cron!r}: {exc}", 2) from None
+    if "PREFECT_API_URL" not in os.environ:
+        raise _fail("synthdx serve needs a Prefect server: start one with `prefect server "
+                    "start` and set PREFECT_API_URL (see README, Schedules)", 2)
+    _project_prefect_home()
+    from flows.pipeline import pipeline_flow
+
+    pipeline_flow.serve(name=name, schedule=schedule,
+                        parameters={"params": str(params)}, pause_on_shutdown=False)
 
 
 def main() -> None:

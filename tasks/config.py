@@ -463,6 +463,14 @@ class MlflowConfig(_Strict):
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
 
 
+class PipelineConfig(_Strict):
+    """How ``synthdx run`` runs the stages (no stage depends on it: changing it reruns nothing)."""
+
+    retries: Annotated[int, Field(ge=0, le=10)] = Field(
+        1, description="Extra attempts for a stage that fails (a flaky worker, a full disk).")
+    retry_delay_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+
+
 class Config(_Strict):
     """The whole parameter tree (params.yaml)."""
 
@@ -478,6 +486,7 @@ class Config(_Strict):
     audit: AuditConfig = AuditConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     validation: ValidateConfig = ValidateConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
     def _ddpm_steps(self) -> Config:

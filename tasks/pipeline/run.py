@@ -1,0 +1,151 @@
+"""The pipeline's work as a plain function: each stage in order, skipped when up to date.
+
+The Prefect flow (flows/pipeline.py) hands in how one stage is run (a Prefect task with
+retries); everything else, the MLflow parent run and its lineage tags, lives here so it can
+be tested without Prefect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import Config
+from tasks.pipeline.dag import StageInfo, pipeline_stages, select_stages, stale_reason
+from tasks.pipeline.lineage import lineage_tags
+from tasks.pipeline.runner import StageFailed
+from tasks.pipeline.summary import (
+    PipelineSummary,
+    StageOutcome,
+    headline,
+    headline_metrics,
+    load_report,
+)
+
+RunStage = Callable[[str, bool, str | None], float]
+"""Runs one stage: (stage, force, parent MLflow run id) -> seconds; raises StageFailed."""
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed after its retries; carries the summary of what did run."""
+
+    def __init__(self, summary: PipelineSummary, failure: StageFailed) -> None:
+        self.summary = summary
+        self.failure = failure
+        super().__init__(str(failure))
+
+
+@dataclass(frozen=True)
+class PipelineRequest:
+    """What ``synthdx run`` was asked to do."""
+
+    root: Path = Path(".")
+    from_stage: str | None = None
+    only: Sequence[str] | None = None
+    force: bool = False
+
+
+def plan(request: PipelineRequest) -> list[StageInfo]:
+    """The stages this request covers, in pipeline order (validated before anything runs)."""
+    return select_stages(pipeline_stages(request.root), request.from_stage, request.only)
+
+
+def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
+                 attempts: Callable[[str], int] | None = None,
+                 log: Callable[[str], None] = print) -> PipelineSummary:
+    """Run the requested stages in order inside one MLflow parent run.
+
+    Args:
+        cfg: the validated parameters (tracking store, profile, reports folder).
+        request: which stages and whether to force them.
+        run_stage: runs one stage in its own process (with the caller's retry policy).
+        attempts: how many attempts a stage took (from the retry machinery), if known.
+        log: where progress lines go.
+
+    Raises:
+        PipelineFailed: a stage failed; later stages were not run.
+    """
+    import mlflow
+
+    stages = plan(request)
+    summary = PipelineSummary(profile=cfg.profile, tracking_uri=cfg.mlflow.resolved_uri())
+    started = time.perf_counter()
+    mlflow.set_tracking_uri(summary.tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    tags = {"synthdx.stage": "pipeline", "synthdx.profile": cfg.profile,
+            "synthdx.request": _describe_request(request)}
+    with mlflow.start_run(run_name=f"pipeline-{cfg.profile}", tags=tags) as parent:
+        summary.mlflow_run_id = parent.info.run_id
+        failure: StageFailed | None = None
+        for info in stages:
+            if failure is not None:
+                summary.stages.append(StageOutcome(info.name, "not run"))
+                continue
+            reason = "forced" if request.force else stale_reason(request.root, info.name)
+            if reason is None:
+                log(f"pipeline: {info.name} up to date, skipped")
+                summary.stages.append(StageOutcome(info.name, "skipped", reason="up to date"))
+                continue
+            log(f"pipeline: {info.name} runs ({reason})")
+            t0 = time.perf_counter()
+            try:
+                run_stage(info.name, request.force, parent.info.run_id)
+                outcome = StageOutcome(info.name, "ran", time.perf_counter() - t0, reason=reason)
+            except StageFailed as exc:
+                failure = exc
+                outcome = StageOutcome(info.name, "failed", time.perf_counter() - t0,
+                                       reason=exc.error.splitlines()[-1][:200])
+            outcome.attempts = attempts(info.name) if attempts else 1
+            summary.stages.append(outcome)
+            mlflow.log_metric(f"seconds/{_metric_key(info.name)}", outcome.seconds)
+        summary.seconds = time.perf_counter() - started
+        _finish_parent(cfg, request.root, summary, failure)
+    if failure is not None:
+        summary.error = str(failure)
+        raise PipelineFailed(summary, failure)
+    return summary
+
+
+def _finish_parent(cfg: Config, root: Path, summary: PipelineSummary,
+                   failure: StageFailed | None) -> None:
+    """Lineage tags, headline table and metrics, and the summary on the parent run."""
+    import mlflow
+
+    mlflow.set_tags(lineage_tags(root, cfg.profile))
+    summary.headline, summary.report = headline(root / cfg.validation.output)
+    mlflow.set_tags({"synthdx.stages_ran": ",".join(summary.ran) or "none",
+                     "synthdx.stages_skipped": ",".join(summary.skipped) or "none"})
+    if summary.headline:
+        mlflow.set_tag("synthdx.headline", summary.headline[:7900])
+        report = load_report(root / cfg.validation.output / "validation.json") or {}
+        metrics = headline_metrics(report)
+        if metrics:
+            mlflow.log_metrics(metrics)
+    if summary.report:
+        mlflow.set_tag("synthdx.report", str(summary.report))
+    if failure is not None:
+        summary.error = str(failure)
+        mlflow.set_tag("synthdx.failed_stage", failure.stage)
+    mlflow.log_metric("seconds/pipeline", summary.seconds)
+    mlflow.log_text(summary.markdown(), "pipeline_summary.md")
+    if failure is not None:
+        mlflow.end_run(status="FAILED")
+
+
+def _metric_key(stage: str) -> str:
+    from tasks.pipeline.lineage import tag_key
+
+    return tag_key(stage)
+
+
+def _describe_request(request: PipelineRequest) -> str:
+    parts = ["synthdx run"]
+    if request.from_stage:
+        parts.append(f"--from {request.from_stage}")
+    for name in request.only or []:
+        parts.append(f"--only {name}")
+    if request.force:
+        parts.append("--force")
+    return " ".join(parts)
