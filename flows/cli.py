@@ -350,11 +350,15 @@ def serve_cmd(
     """
     from prefect.schedules import Cron
 
+    from tasks.pipeline.dag import PipelineError
+    from tasks.pipeline.deployments import check_cron
+
     _load(params, None)
     try:
-        schedule = Cron(cron, timezone=timezone)
-    except (ValueError, KeyError) as exc:
-        raise _fail(f"--cron {cron!r}: {exc}", 2) from None
+        check_cron(cron, timezone, "--cron")
+    except PipelineError as exc:
+        raise _fail(str(exc), 2) from None
+    schedule = Cron(cron, timezone=timezone)
     if "PREFECT_API_URL" not in os.environ:
         raise _fail("synthdx serve needs a Prefect server: start one with `prefect server "
                     "start` and set PREFECT_API_URL (see README, Schedules)", 2)
@@ -363,6 +367,37 @@ def serve_cmd(
 
     pipeline_flow.serve(name=name, schedule=schedule,
                         parameters={"params": str(params)}, pause_on_shutdown=False)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    file: Annotated[Path, typer.Option(help="Deployment file.")] = Path("prefect.yaml"),
+    name: Annotated[list[str] | None, typer.Option(
+        "--name", help="Apply just this deployment (repeatable; default: all).")] = None,
+) -> None:
+    """Create or update the Prefect deployments of prefect.yaml on the server in force."""
+    from tasks.pipeline.dag import PipelineError
+    from tasks.pipeline.deployments import load_deployments
+
+    try:
+        load_deployments(file, Path("."))
+    except PipelineError as exc:
+        raise _fail(str(exc), 2) from None
+    if "PREFECT_API_URL" not in os.environ:
+        raise _fail("synthdx deploy needs a Prefect server: start one with `prefect server "
+                    "start` and set PREFECT_API_URL (see README, Schedules)", 2)
+    _project_prefect_home()
+    from flows.deploy import apply_deployments
+
+    try:
+        applied = apply_deployments(file, Path("."), name or None)
+    except PipelineError as exc:
+        raise _fail(str(exc), 2) from None
+    for spec, deployment_id in applied:
+        when = ", ".join(f"{c.cron} {c.timezone}{'' if c.active else ' (paused)'}"
+                         for c in spec.schedules) or "on demand"
+        typer.echo(f"deployment pipeline/{spec.name} -> pool {spec.work_pool} [{when}] "
+                   f"({deployment_id})")
 
 
 def main() -> None:

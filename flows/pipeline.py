@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.config import DEFAULT_PARAMS, load_config
+from tasks.pipeline.profile import set_profile
 from tasks.pipeline.run import PipelineFailed, PipelineRequest, run_pipeline
 from tasks.pipeline.runner import StageFailed, run_stage_process, stage_env
 from tasks.pipeline.summary import PipelineSummary
@@ -50,19 +51,22 @@ def stage_task(stage: str, root: str, force: bool, parent_run_id: str | None) ->
 
 
 @flow(name="pipeline", log_prints=True, validate_parameters=True)
-def pipeline_flow(params: str = str(DEFAULT_PARAMS), from_stage: str | None = None,
-                  only: list[str] | None = None, force: bool = False,
-                  root: str = ".") -> PipelineSummary:
+def pipeline_flow(params: str = str(DEFAULT_PARAMS), profile: str | None = None,
+                  from_stage: str | None = None, only: list[str] | None = None,
+                  force: bool = False, root: str = ".") -> PipelineSummary:
     """Run the dvc.yaml stages in order, skipping the up-to-date ones, under one MLflow run.
 
     Args:
         params: the parameter file (its ``profile`` key picks the profile).
+        profile: switch params.yaml to this profile first (as ``dvc exp run -S`` would).
         from_stage: start at this stage (or matrix group) and run everything after it.
         only: run just these stages (or matrix groups).
         force: rerun the chosen stages even when DVC reports them up to date.
         root: the project folder (dvc.yaml, params.yaml).
     """
     _quiet_wrapper_tracebacks()
+    if profile is not None and set_profile(Path(root) / params, profile):
+        print(f"params: profile set to {profile} in {params}")
     cfg = load_config(Path(root) / params)
     request = PipelineRequest(root=Path(root), from_stage=from_stage, only=only, force=force)
     runner = stage_task.with_options(retries=cfg.pipeline.retries,
