@@ -27,6 +27,7 @@ from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
 from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.common.precision import auto_precision
+from tasks.common.progress import lightning_progress_callbacks
 from tasks.common.tracking import PARENT_ENV
 from tasks.config import Config, DiffusionConfig
 
@@ -118,7 +119,8 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
                               seed=d.seed),
                    ThroughputMonitor(batch_size_fn=lambda batch: int(batch["image"].shape[0]),
                                      window_size=max(2, d.log_every_n_steps)),
-                   DeviceMemory(every_n_steps=d.log_every_n_steps)],
+                   DeviceMemory(every_n_steps=d.log_every_n_steps),
+                   *lightning_progress_callbacks()],
         log_every_n_steps=d.log_every_n_steps, default_root_dir=d.work_dir,
         enable_model_summary=False, num_sanity_val_steps=0,
     )

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
+from tasks.common.progress import progress
 from tasks.ingest.errors import IngestError
 from tasks.ingest.reader import FileResult, WorkerContext, init_worker, process_chunk
 
@@ -59,7 +60,8 @@ def _pool(workers: int, context: WorkerContext) -> ProcessPoolExecutor:
 
 
 def _run_round(chunks: list[list[str]], workers: int, context: WorkerContext,
-               task: ChunkTask, done: dict[str, FileResult]) -> list[list[str]]:
+               task: ChunkTask, done: dict[str, FileResult],
+               advance: Callable[[int], None] | None = None) -> list[list[str]]:
     """Run chunks in one pool; return the chunks that did not finish (pool broke)."""
     unfinished: list[list[str]] = []
     with _pool(workers, context) as pool:
@@ -68,8 +70,11 @@ def _run_round(chunks: list[list[str]], workers: int, context: WorkerContext,
         }
         for future in as_completed(futures):
             try:
-                for result in future.result():
+                results = future.result()
+                for result in results:
                     done[result.relpath] = result
+                if advance is not None:
+                    advance(len(results))
             except BrokenProcessPool:
                 unfinished.append(futures[future])
             except Exception as exc:  # e.g. a result that cannot be sent back
@@ -92,7 +97,8 @@ def run_pool(relpaths: Iterable[str], context: WorkerContext, workers: int,
     files = list(relpaths)
     workers = resolve_workers(workers)
     done: dict[str, FileResult] = {}
-    broken = _run_round(chunked(files, workers), workers, context, task, done)
+    with progress("ingest", len(files), "files") as advance:
+        broken = _run_round(chunked(files, workers), workers, context, task, done, advance)
     order = {p: i for i, p in enumerate(files)}
     queue = sorted((p for chunk in broken for p in chunk if p not in done), key=order.__getitem__)
     while queue:

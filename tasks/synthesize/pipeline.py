@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from models.data import read_manifest
 from tasks.common.atomic import atomic_dir, atomic_write_bytes
 from tasks.common.montage import write_montage
 from tasks.common.precision import auto_precision
+from tasks.common.progress import progress
 from tasks.config import Config, SynthesizeConfig
 from tasks.diffusion.train import load_trained
 from tasks.synthesize.dicom_export import export_dicom
@@ -154,9 +156,10 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
         mine = plan.iloc[rank::world]
         module.to(fabric.device)
         bf16 = resolve_precision(s) == "bf16-mixed"
-        images = generate_rows(module, mine, size, s, fabric.device,
-                               autocast_dtype=torch.bfloat16 if bf16 else None,
-                               progress=_progress(rank))
+        with progress(f"synthesize rank {rank}", len(mine), "images") as advance:
+            images = generate_rows(module, mine, size, s, fabric.device,
+                                   autocast_dtype=torch.bfloat16 if bf16 else None,
+                                   progress=_counter(advance))
         shard_dir.mkdir(parents=True, exist_ok=True)
         _save_shard(shard, mine["index"].to_numpy(), images)
     reused = int(fabric.all_reduce(torch.tensor(reused, device=fabric.device),
@@ -192,14 +195,13 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
         extra={"report": report})
 
 
-def _progress(rank: int):  # noqa: ANN202 - a tiny closure
-    last = [time.perf_counter()]
+def _counter(advance: Callable[[int], None]) -> Callable[[int, int], None]:
+    """Turn generate_rows' (done, total) reports into progress increments."""
+    seen = [0]
 
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] > 30 or done == total:
-            print(f"synthesize rank {rank}: {done}/{total} images", flush=True)
-            last[0] = now
+    def report(done: int, _total: int) -> None:
+        advance(done - seen[0])
+        seen[0] = done
 
     return report
 
