@@ -23,10 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	dvc repro
-	@echo
-	@$(BIN)/python -c "import json; from tasks.validate.stage import headline_table; \
-	print(headline_table(json.load(open('reports/validation.json'))))"
+	$(BIN)/synthdx run
 	@echo
 	@echo "Outputs:"
 	@echo "  raw DICOM archive + labels : data/raw/ (montage: data/raw/montage.png)"
@@ -38,7 +35,8 @@ run: setup
 	@echo "  classifiers                : data/classifiers/<task>/<regime>/seed<k>/"
 	@echo "  validation report          : reports/validation.html (numbers: reports/validation.json)"
 	@echo "  champion models            : models:/synthdx-classifier-<task>@champion (MLflow registry)"
-	@echo "  MLflow runs                : mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "  MLflow runs                : synthdx ui  (MLflow UI on mlflow.db, http://127.0.0.1:5000)"
+	@echo "  stage status               : synthdx status"
 
 test: setup
 	$(BIN)/python -m pytest
