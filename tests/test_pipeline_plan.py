@@ -1,0 +1,54 @@
+"""The pipeline's stage list comes from dvc.yaml; --from/--only select from it, typos fail."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.pipeline.dag import PipelineError, pipeline_stages, select_stages
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return pipeline_stages(REPO)
+
+
+def test_stages_follow_dvc_yaml_in_dependency_order(stages):
+    names = [s.name for s in stages]
+    assert names[:5] == ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
+    assert names[-1] == "validate"
+    classifiers = [n for n in names if n.startswith("train_classifier@")]
+    assert len(classifiers) == 10 and names[5:15] == classifiers
+    by_name = {s.name: s for s in stages}
+    assert by_name["ingest"].upstream == ("phantom",)
+    assert set(by_name["validate"].upstream) == set(classifiers)
+
+
+def test_from_and_only_select_stages_and_groups(stages):
+    assert [s.name for s in select_stages(stages, from_stage="audit")][0] == "audit"
+    assert len(select_stages(stages, from_stage="audit")) == 12
+    only = select_stages(stages, only=["train_classifier"])
+    assert {s.group for s in only} == {"train_classifier"} and len(only) == 10
+    assert [s.name for s in select_stages(stages, only=["validate", "ingest"])] == [
+        "ingest", "validate"]
+    with pytest.raises(PipelineError, match="--only 'trian_diffusion': no such stage"):
+        select_stages(stages, only=["trian_diffusion"])
+    with pytest.raises(PipelineError, match="cannot be combined"):
+        select_stages(stages, from_stage="audit", only=["validate"])
+
+
+def test_run_refuses_an_unknown_stage_before_starting_anything(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["run", "--from", "synthesise"])
+    assert result.exit_code == 2
+    assert "--from 'synthesise': no such stage in dvc.yaml" in result.output
+
+
+def test_run_refuses_an_unknown_profile_leaving_params_alone(monkeypatch):
+    monkeypatch.chdir(REPO)
+    before = (REPO / "params.yaml").read_text()
+    result = CliRunner().invoke(app, ["run", "--profile", "gpux"])
+    assert result.exit_code == 2 and "gpux" in result.output
+    assert (REPO / "params.yaml").read_text() == before
