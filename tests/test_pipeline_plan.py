@@ -52,3 +52,41 @@ def test_run_refuses_an_unknown_profile_leaving_params_alone(monkeypatch):
     result = CliRunner().invoke(app, ["run", "--profile", "gpux"])
     assert result.exit_code == 2 and "gpux" in result.output
     assert (REPO / "params.yaml").read_text() == before
+
+
+def test_ui_serves_the_project_tracking_store(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("synthdx")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "synthdx"), "ui", "--port",
+                             str(port)], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        body = b""
+        for _ in range(120):
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                    "?experiment_name=synthdx")
+                body = urllib.request.urlopen(req, timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert b'"name": "synthdx"' in body or b'"name":"synthdx"' in body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
