@@ -92,3 +92,19 @@ def test_dvc_yaml_runs_one_classifier_stage_per_task_and_regime():
     expected = {f"train_classifier@{t}-{r}" for t in params["tasks"] for r in params["regimes"]}
     assert expected <= set(listed)
     assert listed[-1] == "validate"
+
+
+def test_dvc_push_and_pull_restore_the_data_from_the_remote(project, tmp_path):
+    root, env = project
+    dvc = str(BIN / "dvc")
+    _run([dvc, "repro", "phantom"], root, env)
+    remote = tmp_path / "remote"
+    _run([dvc, "remote", "add", "-f", "-d", "team", str(remote)], root, env)
+    _run([dvc, "push", "phantom"], root, env)
+    assert any(remote.rglob("*")), "nothing pushed"
+    shutil.rmtree(root / "data")
+    shutil.rmtree(root / ".dvc" / "cache")
+    _run([dvc, "pull", "phantom"], root, env)
+    assert (root / "data/raw/labels.csv").is_file()
+    status = _run([dvc, "status", "phantom"], root, env)
+    assert "up to date" in status.stdout.lower()
