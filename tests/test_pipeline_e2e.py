@@ -214,3 +214,21 @@ def test_run_killed_mid_stage_finishes_on_restart(project):
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     for stage in CLASSIFIER_STAGES:
         assert lock[stage]["params"]["params.yaml"]["classifier"]["lr"] == 0.0015
+
+
+def test_dvc_experiment_runs_a_variant_and_exp_show_compares_it(project):
+    root, env = project
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "baseline"], root, env)
+    _run([str(BIN / "dvc"), "exp", "run", "-S", "classifier.lr=0.004"], root, env)
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--no-pager", "--csv", "--drop", ".*",
+                  "--keep", "Experiment|classifier.lr|auc.metastasis.real.aurelia"], root, env)
+    rows = [line.split(",") for line in shown.stdout.strip().splitlines()]
+    header, body = rows[0], rows[1:]
+    lr = header.index("classifier.lr")
+    auc = header.index("auc.metastasis.real.aurelia")
+    experiment = [r for r in body if r[0] and r[lr] == "0.004"]
+    assert experiment, shown.stdout
+    assert 0.0 <= float(experiment[0][auc]) <= 1.0  # its metrics were kept with it
+    baseline = [r for r in body if not r[0] and r[lr] == "0.0015"]
+    assert baseline and 0.0 <= float(baseline[0][auc]) <= 1.0, shown.stdout
