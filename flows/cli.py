@@ -268,8 +268,7 @@ def run_cmd(
     from tasks.pipeline.profile import set_profile
     from tasks.pipeline.run import PipelineFailed, PipelineRequest, plan
 
-    _load(params, None)
-    if profile is not None:
+    if profile is not None:  # validates the file with the new profile before writing it
         try:
             if set_profile(params, profile):
                 typer.echo(f"params: profile set to {profile} in {params}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tasks.config import Config
 from tasks.pipeline.dag import StageInfo, pipeline_stages, select_stages, stale_reason
-from tasks.pipeline.lineage import lineage_tags
+from tasks.pipeline.lineage import lineage_tags, tag_key
 from tasks.pipeline.runner import StageFailed
 from tasks.pipeline.summary import (
     PipelineSummary,
@@ -99,11 +99,10 @@ def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
                                        reason=exc.error.splitlines()[-1][:200])
             outcome.attempts = attempts(info.name) if attempts else 1
             summary.stages.append(outcome)
-            mlflow.log_metric(f"seconds/{_metric_key(info.name)}", outcome.seconds)
+            mlflow.log_metric(f"seconds/{tag_key(info.name)}", outcome.seconds)
         summary.seconds = time.perf_counter() - started
         _finish_parent(cfg, request.root, summary, failure)
     if failure is not None:
-        summary.error = str(failure)
         raise PipelineFailed(summary, failure)
     return summary
 
@@ -132,12 +131,6 @@ def _finish_parent(cfg: Config, root: Path, summary: PipelineSummary,
     mlflow.log_text(summary.markdown(), "pipeline_summary.md")
     if failure is not None:
         mlflow.end_run(status="FAILED")
-
-
-def _metric_key(stage: str) -> str:
-    from tasks.pipeline.lineage import tag_key
-
-    return tag_key(stage)
 
 
 def _describe_request(request: PipelineRequest) -> str:
