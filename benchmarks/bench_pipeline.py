@@ -33,6 +33,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_LINE = re.compile(r"^pipeline: (\S+) runs \(")
+END_LINE = re.compile(r"^pipeline: (\S+) (?:finished in|failed after) ([0-9.]+) s")
 
 
 def make_project(root: Path) -> None:
@@ -49,12 +50,17 @@ def make_project(root: Path) -> None:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the RSS of a process and its descendants, attributed to the current stage."""
+    """Samples the RSS of a process and its descendants, attributed to the running stages.
+
+    Stages run side by side (the classifier matrix), so a sample counts for every stage
+    running when it was taken; with none running it counts for "pipeline" (start-up,
+    staleness checks, the parent run's bookkeeping).
+    """
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
-        self.stage = "start-up"
+        self.running: set[str] = set()
         self.peaks: dict[str, tuple[int, int]] = {}
         self.stop = threading.Event()
 
@@ -69,8 +75,9 @@ class TreeSampler(threading.Thread):
             for proc in procs:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     rss.append(proc.memory_info().rss)
-            one, tree = self.peaks.get(self.stage, (0, 0))
-            self.peaks[self.stage] = (max(one, max(rss, default=0)), max(tree, sum(rss)))
+            for stage in set(self.running) or {"pipeline"}:
+                one, tree = self.peaks.get(stage, (0, 0))
+                self.peaks[stage] = (max(one, max(rss, default=0)), max(tree, sum(rss)))
             time.sleep(0.2)
 
 
@@ -88,20 +95,17 @@ def bench(profile: str | None, keep: Path | None) -> int:
     sampler = TreeSampler(proc.pid)
     sampler.start()
     times: dict[str, float] = {}
-    current, t0 = "start-up", started
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
         tail = [*tail[-200:], line.rstrip()]
-        match = STAGE_LINE.match(line)
-        if match:
-            now = time.perf_counter()
-            times[current] = now - t0
-            current, t0 = match.group(1), now
-            sampler.stage = current
+        if match := STAGE_LINE.match(line):
+            sampler.running.add(match.group(1))
+        elif match := END_LINE.match(line):
+            sampler.running.discard(match.group(1))
+            times[match.group(1)] = float(match.group(2))
     rc = proc.wait()
     end = time.perf_counter()
-    times[current] = end - t0
     sampler.stop.set()
     sampler.join(timeout=5)
     if rc != 0:
@@ -112,11 +116,14 @@ def bench(profile: str | None, keep: Path | None) -> int:
     print(f"# bench_pipeline {dt.date.today()} on {platform.node()} "
           f"({os.cpu_count()} cores, {psutil.virtual_memory().total / gib:.0f} GiB), "
           f"profile {profile or 'params.yaml'}: {' '.join(cmd[1:])}")
+    print("Stage wall time is the stage process's own (start-up included); stages of the "
+          "classifier matrix run side by side, so they add up to more than the total.")
     print("| stage | wall (s) | peak RSS, largest process (GiB) | peak RSS, whole tree (GiB) |")
     print("|---|---|---|---|")
-    for stage, seconds in times.items():
+    for stage in ["pipeline", *times]:
         one, tree = sampler.peaks.get(stage, (0, 0))
-        print(f"| {stage} | {seconds:.1f} | {one / gib:.2f} | {tree / gib:.2f} |")
+        wall = f"{times[stage]:.1f}" if stage in times else "-"
+        print(f"| {stage} | {wall} | {one / gib:.2f} | {tree / gib:.2f} |")
     one = max((p[0] for p in sampler.peaks.values()), default=0)
     tree = max((p[1] for p in sampler.peaks.values()), default=0)
     print(f"| **total** | **{end - started:.1f}** | **{one / gib:.2f}** | **{tree / gib:.2f}** |")

@@ -45,16 +45,21 @@ def _quiet_wrapper_tracebacks() -> None:
 
 
 @task(name="stage", task_run_name="{stage}", persist_result=False)
-def stage_task(stage: str, root: str, force: bool, parent_run_id: str | None) -> float:
+def stage_task(stage: str, root: str, force: bool, parent_run_id: str | None,
+               threads: int | None = None) -> float:
     """Run one stage in its own process; a failure raises StageFailed (Prefect retries it)."""
-    return run_stage_process(stage, Path(root), stage_env(parent_run_id), force).seconds
+    return run_stage_process(stage, Path(root), stage_env(parent_run_id, threads=threads),
+                             force).seconds
 
 
 @flow(name="pipeline", log_prints=True, validate_parameters=True)
 def pipeline_flow(params: str = str(DEFAULT_PARAMS), profile: str | None = None,
                   from_stage: str | None = None, only: list[str] | None = None,
                   force: bool = False, root: str = ".") -> PipelineSummary:
-    """Run the dvc.yaml stages in order, skipping the up-to-date ones, under one MLflow run.
+    """Run the dvc.yaml stages in DAG order, skipping the up-to-date ones, under one MLflow run.
+
+    Independent stages (the classifier matrix) run side by side, ``pipeline.max_parallel``
+    at a time.
 
     Args:
         params: the parameter file (its ``profile`` key picks the profile).
@@ -73,8 +78,8 @@ def pipeline_flow(params: str = str(DEFAULT_PARAMS), profile: str | None = None,
                                      retry_delay_seconds=cfg.pipeline.retry_delay_seconds)
     tries: Counter[str] = Counter()
 
-    def run_stage(stage: str, force_it: bool, parent_run_id: str | None) -> float:
-        state = runner(stage, root, force_it, parent_run_id, return_state=True)
+    def run_stage(stage: str, force_it: bool, parent_run_id: str | None, threads: int) -> float:
+        state = runner(stage, root, force_it, parent_run_id, threads, return_state=True)
         tries[stage] = _run_count(state)
         return state.result()
 

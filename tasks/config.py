@@ -469,6 +469,9 @@ class PipelineConfig(_Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = Field(
         1, description="Extra attempts for a stage that fails (a flaky worker, a full disk).")
     retry_delay_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
+        2, description="Most stages run at once when the DAG allows (the classifier matrix); "
+                       "CPU threads are shared out between them.")
 
 
 class Config(_Strict):

@@ -108,17 +108,36 @@ def stale_reason(root: Path, name: str) -> str | None:
     Asked right before the stage runs (not once at the start), because a stage whose
     upstream has just rerun may be stale only now.
     """
-    repo = _open_repo(root)
-    try:
-        status = repo.status(targets=[name])
-    finally:
-        repo.close()
+    status = _status_waiting_for_lock(root, name)
     if not status:
         return None
     changes = status.get(name) or next(iter(status.values()))
     if not changes:
         return None
     return _describe(changes)
+
+
+def _status_waiting_for_lock(root: Path, name: str, timeout: float = 300.0) -> dict:
+    """``dvc status`` of one stage, waiting while a stage process holds DVC's repo lock.
+
+    Why: stages running side by side take the lock briefly before and after their command;
+    DVC's own wait gives up after 3 s.
+    """
+    import time
+
+    from dvc.lock import LockError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        repo = _open_repo(root)
+        try:
+            return repo.status(targets=[name])
+        except LockError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            repo.close()
+        time.sleep(0.5)
 
 
 def _describe(changes: list) -> str:

@@ -16,16 +16,19 @@ from tasks.config import Config
 from tasks.pipeline.dag import StageInfo, pipeline_stages, select_stages, stale_reason
 from tasks.pipeline.lineage import lineage_tags, tag_key
 from tasks.pipeline.runner import StageFailed
+from tasks.pipeline.schedule import run_scheduled
 from tasks.pipeline.summary import (
     PipelineSummary,
-    StageOutcome,
     headline,
     headline_metrics,
     load_report,
 )
 
-RunStage = Callable[[str, bool, str | None], float]
-"""Runs one stage: (stage, force, parent MLflow run id) -> seconds; raises StageFailed."""
+RunStage = Callable[[str, bool, str | None, int], float]
+"""Runs one stage: (stage, force, parent MLflow run id, CPU threads) -> seconds.
+
+Raises StageFailed when the stage fails (after the caller's retries).
+"""
 
 
 class PipelineFailed(RuntimeError):
@@ -55,7 +58,9 @@ def plan(request: PipelineRequest) -> list[StageInfo]:
 def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
                  attempts: Callable[[str], int] | None = None,
                  log: Callable[[str], None] = print) -> PipelineSummary:
-    """Run the requested stages in order inside one MLflow parent run.
+    """Run the requested stages in DAG order inside one MLflow parent run.
+
+    Independent stages run side by side, up to ``pipeline.max_parallel`` at once.
 
     Args:
         cfg: the validated parameters (tracking store, profile, reports folder).
@@ -78,28 +83,21 @@ def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
             "synthdx.request": _describe_request(request)}
     with mlflow.start_run(run_name=f"pipeline-{cfg.profile}", tags=tags) as parent:
         summary.mlflow_run_id = parent.info.run_id
-        failure: StageFailed | None = None
-        for info in stages:
-            if failure is not None:
-                summary.stages.append(StageOutcome(info.name, "not run"))
-                continue
-            reason = "forced" if request.force else stale_reason(request.root, info.name)
-            if reason is None:
-                log(f"pipeline: {info.name} up to date, skipped")
-                summary.stages.append(StageOutcome(info.name, "skipped", reason="up to date"))
-                continue
-            log(f"pipeline: {info.name} runs ({reason})")
-            t0 = time.perf_counter()
-            try:
-                run_stage(info.name, request.force, parent.info.run_id)
-                outcome = StageOutcome(info.name, "ran", time.perf_counter() - t0, reason=reason)
-            except StageFailed as exc:
-                failure = exc
-                outcome = StageOutcome(info.name, "failed", time.perf_counter() - t0,
-                                       reason=exc.error.splitlines()[-1][:200])
-            outcome.attempts = attempts(info.name) if attempts else 1
-            summary.stages.append(outcome)
-            mlflow.log_metric(f"seconds/{tag_key(info.name)}", outcome.seconds)
+        parent_id = parent.info.run_id
+
+        def launch(info: StageInfo, threads: int) -> float:
+            return run_stage(info.name, request.force, parent_id, threads)
+
+        def stale(name: str) -> str | None:
+            return "forced" if request.force else stale_reason(request.root, name)
+
+        result = run_scheduled(stages, stale, launch, cfg.pipeline.max_parallel, log)
+        failure = result.failure
+        for outcome in result.outcomes:
+            if outcome.outcome in ("ran", "failed"):
+                outcome.attempts = attempts(outcome.stage) if attempts else 1
+                mlflow.log_metric(f"seconds/{tag_key(outcome.stage)}", outcome.seconds)
+        summary.stages = result.outcomes
         summary.seconds = time.perf_counter() - started
         _finish_parent(cfg, request.root, summary, failure)
     if failure is not None:

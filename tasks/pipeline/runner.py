@@ -43,7 +43,10 @@ def stage_command(stage: str, force: bool) -> list[str]:
     """The command that runs exactly one stage, DVC-recorded (dvc.lock, cache, run cache)."""
     dvc = Path(sys.executable).with_name("dvc")
     exe = [str(dvc)] if dvc.exists() else [sys.executable, "-m", "dvc"]
-    return [*exe, "repro", "--single-item", *(["--force"] if force else []), stage]
+    # --wait-for-lock: stages running side by side each take DVC's repository lock briefly
+    # (before and after their command); without it the second one fails after 3 s.
+    return [*exe, "--wait-for-lock", "repro", "--single-item",
+            *(["--force"] if force else []), stage]
 
 
 def _error_text(lines: list[str]) -> str:
@@ -98,13 +101,26 @@ def run_stage_process(stage: str, root: Path, env: Mapping[str, str], force: boo
     return StageRun(stage=stage, seconds=seconds, returncode=returncode)
 
 
-def stage_env(parent_run_id: str | None, base: Mapping[str, str] | None = None
-              ) -> dict[str, str]:
-    """The environment of a stage process: ours plus the parent MLflow run to nest under."""
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def stage_env(parent_run_id: str | None, base: Mapping[str, str] | None = None,
+              threads: int | None = None) -> dict[str, str]:
+    """The environment of a stage process: ours plus the parent MLflow run to nest under.
+
+    Args:
+        parent_run_id: the pipeline's MLflow run, which the stage's run nests under.
+        base: the environment to start from (default: this process's).
+        threads: CPU threads for the stage's numeric libraries (torch reads
+            OMP_NUM_THREADS), when stages share the machine; a value the user set wins.
+    """
     from tasks.common.tracking import PARENT_ENV
 
     env = dict(os.environ if base is None else base)
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
+    if threads:
+        for var in THREAD_VARS:
+            env.setdefault(var, str(threads))
     env.setdefault("DVC_NO_ANALYTICS", "1")
     return env
