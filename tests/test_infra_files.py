@@ -366,9 +366,10 @@ def test_srun_runs_train_diffusion_with_overrides_the_schema_accepts():
 def test_sbatch_records_the_stage_in_dvc_after_training():
     lines = [line.strip() for line in _sbatch_lines()]
     srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
-    commit = next(i for i, line in enumerate(lines) if line.startswith("dvc commit"))
+    commit = next(i for i, line in enumerate(lines) if re.match(r"dvc .*\bcommit\b", line))
     assert srun < commit
-    assert shlex.split(lines[commit]) == ["dvc", "commit", "--force", "train_diffusion"]
+    assert shlex.split(lines[commit]) == ["dvc", "--wait-for-lock", "commit", "--force",
+                                          "train_diffusion"]
     assert "set -euo pipefail" in lines  # a failed training step never reaches the commit
     assert "train_diffusion" in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
