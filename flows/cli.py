@@ -262,36 +262,54 @@ def run_cmd(
         "--only", help="Run just this stage or matrix group (repeatable).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Rerun the chosen stages even when they are up to date.")] = False,
+    wait: Annotated[float, typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="When another synthdx run holds this project, wait up to this long for it "
+             "(default 0: refuse at once).")] = 0.0,
 ) -> None:
     """Run the whole pipeline (dvc.yaml order): each out-of-date stage in its own process."""
+    from tasks.common.tracking import TrackingUnreachable, check_tracking_server
     from tasks.pipeline.dag import PipelineError
+    from tasks.pipeline.lock import LOCKED_EXIT_CODE, ProjectLocked, project_lock
     from tasks.pipeline.profile import set_profile
     from tasks.pipeline.run import PipelineFailed, PipelineRequest, plan
 
-    if profile is not None:  # validates the file with the new profile before writing it
-        try:
-            if set_profile(params, profile):
-                typer.echo(f"params: profile set to {profile} in {params}")
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
-    _load(params, None)
-    try:  # a typo in --from/--only fails here, before any server starts
+    # Everything is checked before the project lock is taken and before anything is written:
+    # the parameters as they will be (with the new profile), the stage names, the tracking
+    # server. A typo in --from/--only fails here, before any server starts.
+    cfg = _load(params, None, [f"profile={profile}"] if profile is not None else None)
+    try:
         plan(PipelineRequest(from_stage=from_stage, only=only or None, force=force))
     except PipelineError as exc:
         raise _fail(str(exc), 2) from None
-    _project_prefect_home()
-    from flows.pipeline import pipeline_flow
-    from flows.prefect_api import shared_prefect_api
-
     try:
-        with shared_prefect_api():
-            summary = pipeline_flow(params=str(params), from_stage=from_stage,
-                                    only=only or None, force=force)
-    except PipelineFailed as exc:
-        typer.echo(exc.summary.describe())
-        raise _fail(str(exc.failure)) from None
-    except PipelineError as exc:
-        raise _fail(str(exc), 2) from None
+        check_tracking_server(cfg.mlflow.resolved_uri())
+    except TrackingUnreachable as exc:
+        raise _fail(str(exc)) from None
+    try:
+        with project_lock(Path("."), wait=wait,
+                          on_wait=lambda message: typer.echo(message, err=True)):
+            if profile is not None:
+                try:
+                    if set_profile(params, profile):
+                        typer.echo(f"params: profile set to {profile} in {params}")
+                except ConfigError as exc:
+                    raise _fail(str(exc), 2) from None
+            _project_prefect_home()
+            from flows.pipeline import pipeline_flow
+            from flows.prefect_api import shared_prefect_api
+
+            try:
+                with shared_prefect_api():
+                    summary = pipeline_flow(params=str(params), from_stage=from_stage,
+                                            only=only or None, force=force)
+            except PipelineFailed as exc:
+                typer.echo(exc.summary.describe())
+                raise _fail(str(exc.failure)) from None
+            except PipelineError as exc:
+                raise _fail(str(exc), 2) from None
+    except ProjectLocked as exc:
+        raise _fail(str(exc), LOCKED_EXIT_CODE) from None
     typer.echo(summary.describe())
 
 
