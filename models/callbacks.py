@@ -108,8 +108,11 @@ class SampleGrid(L.Callback):
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         logger = trainer.logger
-        if logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment,
-                                                                        "log_artifact"):
+        if callable(getattr(logger, "log_file", None)):
+            # The project's MLflow logger: keeps the upload for later if the server is away.
+            logger.log_file(path, artifact_path="samples")
+        elif logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment,
+                                                                          "log_artifact"):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="samples")
         return path
 

@@ -65,8 +65,7 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
         if any(item is seen for seen in chain):
             continue
         chain.append(item)
-        inner = [item.__cause__, item.__context__, getattr(item, "reason", None),
-                 *(a for a in item.args[:1])]
+        inner = [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
         todo.extend(x for x in inner if isinstance(x, BaseException))
     return chain
 
@@ -84,11 +83,14 @@ def describe_failure(exc: BaseException, timeout: float = CHECK_TIMEOUT_S) -> st
             return f"TLS error: {ssl.group(0).strip() if ssl else 'handshake failed'}"
         if isinstance(item, ConnectionRefusedError):
             return "connection refused"
+        if isinstance(item, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+            return "connection lost"
         if isinstance(item, socket.gaierror) or "NameResolution" in type(item).__name__:
             return "host not found"
         if isinstance(item, requests.exceptions.Timeout | TimeoutError):
             return f"no answer within {timeout:g} s"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    inner = exception_chain(exc)[-1]  # the transport's own words, not MLflow's wrapper
+    text = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
     return text[:200]
 
 

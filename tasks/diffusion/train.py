@@ -4,7 +4,9 @@ Lightning does the loop: precision (bf16-mixed on a GPU, fp32 on the CPU), DDP a
 devices and nodes, gradient clipping, EMA of the weights (``EMAWeightAveraging``), periodic
 checkpoints with ``last.ckpt``, and resume from it with the same optimiser, EMA and step.
 Checkpoints live in ``diffusion.work_dir`` so a killed run keeps them; the final EMA model is
-written atomically into ``diffusion.output`` by rank 0 only.
+written atomically into ``diffusion.output`` by rank 0 only. A tracking server that is down
+at the start stops the stage before anything is written; one that goes away during training
+does not stop it (``BufferedMLFlowLogger`` keeps the log calls until it is back).
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import MLFlowLogger
 
 from models.callbacks import DataLedger, DeviceMemory, SampleGrid
 from models.conditioning import ConditionSpec
 from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
 from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.common.mlflow_logger import BufferedMLFlowLogger
 from tasks.common.precision import auto_precision
 from tasks.common.progress import lightning_progress_callbacks
-from tasks.common.tracking import PARENT_ENV
+from tasks.common.tracking import PARENT_ENV, TrackingUnreachable, check_tracking_server
 from tasks.config import Config, DiffusionConfig
 
 MODEL_NAME = "model.pt"
@@ -78,15 +80,16 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         **cfg.speed.model_dump())
 
 
-def _logger(cfg: Config, run_tags: dict[str, str]) -> MLFlowLogger:
+def _logger(cfg: Config, run_tags: dict[str, str]) -> BufferedMLFlowLogger:
     import os
 
     tags = {"synthdx.stage": "train_diffusion", **run_tags}
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     # Always an explicit URI: MLflow >= 3.13 refuses the ./mlruns default Lightning would use.
-    return MLFlowLogger(experiment_name=cfg.mlflow.experiment, run_name="train_diffusion",
-                        tracking_uri=cfg.mlflow.resolved_uri(), tags=tags, log_model=False)
+    return BufferedMLFlowLogger(experiment_name=cfg.mlflow.experiment, run_name="train_diffusion",
+                                tracking_uri=cfg.mlflow.resolved_uri(), tags=tags,
+                                log_model=False)
 
 
 def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
@@ -95,7 +98,12 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
     Args:
         cfg: the validated parameters (``diffusion`` and ``mlflow`` sections are used).
         processed: processed dataset folder (default ``ingest.output``).
+
+    Raises:
+        TrackingUnreachable: the tracking server is down at the start (nothing is written),
+            or stayed down past the end of training (the model is written, not registered).
     """
+    check_tracking_server(cfg.mlflow.resolved_uri())
     d = cfg.diffusion
     processed = Path(processed or cfg.ingest.output)
     L.seed_everything(d.seed, workers=True)
@@ -143,6 +151,12 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
     if trainer.is_global_zero:
         logger.log_metrics({"train/images_per_second": ips}, step=trainer.global_step)
         _write_model(module, summary, d)
+        if logger.unsent:
+            raise TrackingUnreachable(
+                f"training finished and wrote {d.output}, but the MLflow tracking server "
+                f"{logger.uri} stayed unreachable: {logger.unsent} log calls of run "
+                f"{logger.run_id} were not sent and the model was not registered; run the "
+                "stage again when the server is back (the checkpoint is kept for resume)")
         if d.registered_model_name and logger.run_id:
             from tasks.diffusion.registry import register_model
 
