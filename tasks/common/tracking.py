@@ -70,8 +70,11 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def describe_failure(exc: BaseException, timeout: float = CHECK_TIMEOUT_S) -> str:
-    """A few words on why a request failed (refused, timed out, unknown host, TLS)."""
+def describe_failure(exc: BaseException, timeout: float | None = None) -> str:
+    """A few words on why a request failed (refused, timed out, unknown host, TLS).
+
+    ``timeout`` is the request's timeout, for the message (None: not known).
+    """
     import re
     import socket
 
@@ -88,7 +91,7 @@ def describe_failure(exc: BaseException, timeout: float = CHECK_TIMEOUT_S) -> st
         if isinstance(item, socket.gaierror) or "NameResolution" in type(item).__name__:
             return "host not found"
         if isinstance(item, requests.exceptions.Timeout | TimeoutError):
-            return f"no answer within {timeout:g} s"
+            return f"no answer within {timeout:g} s" if timeout else "timed out"
     inner = exception_chain(exc)[-1]  # the transport's own words, not MLflow's wrapper
     text = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
     return text[:200]
