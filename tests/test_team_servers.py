@@ -1,0 +1,306 @@
+"""The tiny pipeline against the team's real servers on loopback (issue 6, section 2).
+
+PostgreSQL (infra/scripts/postgres.sh), moto's S3 server as the object store, ``mlflow
+server`` with basic authentication and ``prefect server start`` run as real processes
+(tests/servers). One fresh git + DVC project runs ``synthdx run --profile tiny`` against them;
+the tests then read back, through the servers' own clients, what the pipeline left there:
+runs, metrics, artifacts (also as objects in the bucket), registered models, refused
+anonymous requests, Prefect flow runs, a prefect.yaml deployment run by a worker, and DVC
+data pushed to and pulled from the object store. Each test builds on the one before.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.servers import TeamServers, team_servers  # noqa: F401  (session fixture)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+SYNTHDX = str(BIN / "synthdx")
+PREFECT = str(BIN / "prefect")
+DVC = str(BIN / "dvc")
+TASK = "metastasis"
+REGIMES = ["real", "real+synthetic"]
+CLASSIFIER_STAGES = {f"train_classifier@{TASK}-{r}" for r in REGIMES}
+UPSTREAM = ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
+ALL_STAGES = {*UPSTREAM, *CLASSIFIER_STAGES, "validate"}
+STAGE_FLOWS = {"phantom", "ingest", "train_diffusion", "synthesize", "audit",
+               "train_classifier", "validate"}
+DIFFUSION_MODEL = "synthdx-bone-scan-diffusion"
+CHAMPION_MODEL = f"synthdx-classifier-{TASK}"
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1200,
+         servers: TeamServers | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    logs = f"\n{servers.log_tails()}" if servers else ""
+    assert proc.returncode == 0, (f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-6000:]}{logs}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def servers(team_servers: TeamServers) -> Iterator[TeamServers]:  # noqa: F811
+    """The team servers, with this process's MLflow client pointed at the tracking server."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in team_servers.mlflow.env().items():
+            mp.setenv(key, value)
+        yield team_servers
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, servers: TeamServers
+            ) -> tuple[Path, dict[str, str]]:
+    """A fresh git + DVC project (this repository's code, tiny profile, one task, two regimes)
+    and the environment of a synthdx process on the team servers."""
+    root = tmp_path_factory.mktemp("team") / "proj"
+    root.mkdir()
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml", "prefect.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("tasks", "models", "profiles", "flows"):
+        shutil.copytree(REPO / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["classifier"].update(tasks=[TASK], regimes=REGIMES)
+    params["validation"]["comparisons"] = [["real+synthetic", "real"]]
+    params["pipeline"].update(retries=0)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "SYNTHDX_", "AWS_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               PREFECT_HOME=str(root / ".prefect"), **servers.client_env())
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
+                ["git", "config", "user.name", "t"], [DVC, "init", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        _run(cmd, root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(servers: TeamServers) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(servers.mlflow.url)
+
+
+@pytest.fixture
+def prefect_client(servers: TeamServers) -> Iterator[SyncPrefectClient]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: servers.prefect.api_url}), \
+            get_client(sync_client=True) as client:
+        yield client
+
+
+def _pipeline_runs(client: MlflowClient, experiment_id: str) -> list[Any]:
+    return client.search_runs([experiment_id], "tags.`synthdx.stage` = 'pipeline'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def test_pipeline_runs_end_to_end_against_the_team_servers(project, servers):
+    root, env = project
+    out = _run([SYNTHDX, "run", "--profile", "tiny"], root, env, servers=servers)
+    ran = set(re.findall(r"^pipeline: (\S+) runs \(", out.stdout, flags=re.MULTILINE))
+    assert ran == ALL_STAGES
+    assert f"in {servers.mlflow.url}" in out.stdout  # the parent run is in the server
+    assert not (root / "mlflow.db").exists(), "tracked into the local SQLite file, not the server"
+
+
+def test_mlflow_server_holds_the_runs_metrics_and_artifacts(project, servers, mlflow_client,
+                                                            tmp_path):
+    client, store = mlflow_client, servers.store
+    exp = client.get_experiment_by_name("synthdx")
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
+    [parent] = _pipeline_runs(client, exp.experiment_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["synthdx.profile"] == "tiny"
+    assert f"auc/{TASK}/real/aurelia" in parent.data.metrics
+    assert parent.data.metrics["seconds/pipeline"] > 0
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_stage: dict[str, list] = {}
+    for child in children:
+        by_stage.setdefault(child.data.tags["synthdx.stage"], []).append(child)
+    assert set(by_stage) == STAGE_FLOWS
+    assert len(by_stage["train_classifier"]) == len(CLASSIFIER_STAGES)
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    # Metrics: the diffusion learning curve and each classifier's validation AUC curve.
+    [diffusion] = by_stage["train_diffusion"]
+    assert diffusion.data.metrics, "train_diffusion logged no metrics"
+    curve = client.get_metric_history(diffusion.info.run_id, next(iter(diffusion.data.metrics)))
+    assert curve
+    models = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+              in {c.info.run_id for c in by_stage["train_classifier"]}]
+    assert models and all(client.get_metric_history(m.info.run_id, "val/auc") for m in models)
+
+    # Artifacts: downloaded through the server, and physically in the bucket.
+    summary = Path(client.download_artifacts(parent.info.run_id, "pipeline_summary.md",
+                                             str(tmp_path)))
+    assert "validate" in summary.read_text()
+    [validate] = by_stage["validate"]
+    html = [f.path for f in client.list_artifacts(validate.info.run_id)
+            if f.path.endswith("validation.html")]
+    assert html, [f.path for f in client.list_artifacts(validate.info.run_id)]
+    page = Path(client.download_artifacts(validate.info.run_id, html[0], str(tmp_path)))
+    assert page.stat().st_size > 1000
+    keys = set(store.keys("mlflow/"))
+    prefix = f"mlflow/{exp.experiment_id}"
+    assert f"{prefix}/{parent.info.run_id}/artifacts/pipeline_summary.md" in keys
+    assert f"{prefix}/{validate.info.run_id}/artifacts/{html[0]}" in keys
+    assert any(k.startswith(f"{prefix}/{diffusion.info.run_id}/") for k in keys)
+
+
+def test_registered_models_are_in_the_server_registry(project, servers, mlflow_client):
+    import mlflow
+    import numpy as np
+
+    client = mlflow_client
+    exp = client.get_experiment_by_name("synthdx")
+    [parent] = _pipeline_runs(client, exp.experiment_id)
+    stage_run = {r.data.tags["synthdx.stage"]: r.info.run_id for r in client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    versions = client.search_model_versions(f"name = '{DIFFUSION_MODEL}'")
+    assert [v.run_id for v in versions] == [stage_run["train_diffusion"]]
+    champion = client.get_model_version_by_alias(CHAMPION_MODEL, "champion")
+    assert champion.tags["task"] == TASK and champion.tags["regime"] in REGIMES
+    trained_by = client.get_run(champion.run_id).data.tags["mlflow.parentRunId"]
+    assert client.get_run(trained_by).data.tags["synthdx.stage"] == "train_classifier"
+    # The champion loads from the registry (its files come from the bucket via the server).
+    model = mlflow.pyfunc.load_model(f"models:/{CHAMPION_MODEL}@champion")
+    scores = model.predict(np.zeros((3, 2, 64, 16), dtype=np.float32))
+    assert list(scores.columns) == ["score", "positive"] and len(scores) == 3
+
+
+def test_mlflow_refuses_requests_without_valid_credentials(servers):
+    url = f"{servers.mlflow.url}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def status(auth: tuple[str, str] | None) -> int:
+        request = urllib.request.Request(url)
+        if auth:
+            token = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert status(None) == 401
+    assert status((servers.mlflow.username, "not-the-password")) == 401
+    assert status((servers.mlflow.username, servers.mlflow.password)) == 200
+
+
+def _query(client: SyncPrefectClient, path: str, body: dict[str, Any], model: Any) -> list[Any]:
+    """POST a Prefect ``…/filter`` query with only the filters it uses; parse the answer.
+
+    Why not ``client.read_flow_runs()`` and friends: prefect 3.8.8's client sends every filter
+    it is not given as a JSON null, which its server under the pinned fastapi 0.154 refuses
+    with a 422 (as ``prefect flow-run ls``, see README); passing empty filters instead changes
+    the query (a deployment or work-pool filter joins those tables: only deployed runs match).
+    """
+    response = client.request("POST", path, json=body)
+    response.raise_for_status()
+    return [model.model_validate(item) for item in response.json()]
+
+
+def test_pipeline_flow_runs_are_in_the_prefect_server(project, prefect_client):
+    from prefect.client.schemas.objects import Artifact, Flow, FlowRun
+
+    client = prefect_client
+    names = ["pipeline", *STAGE_FLOWS]
+    flows = {f.id: f.name for f in _query(client, "/flows/filter", {
+        "flows": {"name": {"any_": names}}, "limit": 200}, Flow)}
+    assert set(flows.values()) == set(names)
+    runs = _query(client, "/flow_runs/filter", {
+        "flows": {"name": {"any_": names}}, "sort": "START_TIME_ASC", "limit": 200}, FlowRun)
+    by_flow: dict[str, list] = {}
+    for run in runs:
+        by_flow.setdefault(flows[run.flow_id], []).append(run)
+    assert set(by_flow) == set(names)
+    assert len(by_flow["pipeline"]) == 1
+    assert len(by_flow["train_classifier"]) == len(CLASSIFIER_STAGES)
+    assert all(r.state and r.state.is_completed() for r in runs), \
+        [(flows[r.flow_id], r.state and r.state.type) for r in runs]
+    pipeline_run = by_flow["pipeline"][0]
+    # Every stage's flow run ran inside the pipeline's (each stage is its own process).
+    assert all(pipeline_run.start_time <= r.start_time <= pipeline_run.end_time
+               for name, rs in by_flow.items() if name != "pipeline" for r in rs)
+    artifacts = _query(client, "/artifacts/filter", {
+        "artifacts": {"key": {"any_": ["synthdx-pipeline"]}}, "limit": 10}, Artifact)
+    assert [a.flow_run_id for a in artifacts] == [pipeline_run.id]
+    assert "validate" in str(artifacts[0].data)
+
+
+def test_a_prefect_yaml_deployment_runs_on_a_worker(project, servers, prefect_client,
+                                                    mlflow_client):
+    root, env = project
+    client = prefect_client
+    _run([PREFECT, "work-pool", "create", "synthdx-cpu", "--type", "process"], root, env,
+         timeout=120, servers=servers)
+    out = _run([SYNTHDX, "deploy", "--name", "validate"], root, env, timeout=300,
+               servers=servers)
+    assert "deployment pipeline/validate -> pool synthdx-cpu [on demand]" in out.stdout
+    deployment = client.read_deployment_by_name("pipeline/validate")
+    assert deployment.parameters == {"only": ["validate"]}
+    assert deployment.work_pool_name == "synthdx-cpu"
+
+    ran = _run([PREFECT, "deployment", "run", "pipeline/validate"], root, env, timeout=120,
+               servers=servers)
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", ran.stdout)
+    assert match, ran.stdout
+    worker = _run([PREFECT, "worker", "start", "--pool", "synthdx-cpu", "--run-once",
+                   "--limit", "1"], root, env, timeout=600, servers=servers)
+    flow_run = client.read_flow_run(match.group(1))
+    assert flow_run.deployment_id == deployment.id
+    assert flow_run.state and flow_run.state.is_completed(), (
+        f"{flow_run.state}\n{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}")
+
+    # The worker's run tracked into MLflow: a second pipeline run, validate up to date.
+    exp = mlflow_client.get_experiment_by_name("synthdx")
+    runs = _pipeline_runs(mlflow_client, exp.experiment_id)
+    assert len(runs) == 2
+    assert runs[-1].data.tags["synthdx.request"] == "synthdx run --only validate"
+    assert runs[-1].data.tags["synthdx.stages_skipped"] == "validate"
+
+
+def test_dvc_push_and_pull_through_the_object_store(project, servers):
+    root, env = project
+    store = servers.store
+    for args in (["remote", "add", "-f", "-d", "team", f"s3://{store.bucket}/dvc"],
+                 ["remote", "modify", "team", "endpointurl", store.endpoint],
+                 ["remote", "modify", "team", "region", "us-east-1"],
+                 ["remote", "modify", "--local", "team", "access_key_id", store.access_key],
+                 ["remote", "modify", "--local", "team", "secret_access_key",
+                  store.secret_key]):
+        _run([DVC, *args], root, env)
+    _run([DVC, "push", "ingest"], root, env, timeout=300)
+    assert store.keys("dvc/"), "nothing pushed to the bucket"
+    shutil.rmtree(root / "data" / "processed")
+    shutil.rmtree(root / ".dvc" / "cache")
+    _run([DVC, "pull", "ingest"], root, env, timeout=300)
+    assert (root / "data/processed/manifest.parquet").is_file()
+    status = _run([DVC, "status", "ingest"], root, env)
+    assert "up to date" in status.stdout.lower(), status.stdout
