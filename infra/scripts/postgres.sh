@@ -8,6 +8,9 @@
 #   infra/scripts/postgres.sh stop DIR                   # fast shutdown (data kept)
 #   infra/scripts/postgres.sh status DIR                 # exit 0 when running
 #
+# Exit codes: 0 done, 1 error, 2 usage, 3 not running (status), 4 PostgreSQL missing and not
+# installable here (not root, or no apt-get).
+#
 # `start` installs PostgreSQL first if needed, creates the cluster in DIR on first use, starts
 # it on 127.0.0.1:PORT (default 5432) and creates the login role $SYNTHDX_PG_USER (default
 # synthdx, password $SYNTHDX_PG_PASSWORD, default synthdx) owning the databases DB ...
@@ -24,6 +27,8 @@ ROLE=${SYNTHDX_PG_USER:-synthdx}
 PASSWORD=${SYNTHDX_PG_PASSWORD:-synthdx}
 
 die() { echo "postgres.sh: error: $*" >&2; exit 1; }
+# Exit code 4: PostgreSQL is missing and cannot be installed here (a caller may skip).
+missing() { echo "postgres.sh: error: $*" >&2; exit 4; }
 say() { echo "postgres.sh: $*" >&2; }
 
 usage() {
@@ -53,9 +58,9 @@ install_postgres() {
     if find_bindir >/dev/null; then
         return 0
     fi
-    [[ $(id -u) -eq 0 ]] || die "PostgreSQL is not installed and this is not root: run" \
+    [[ $(id -u) -eq 0 ]] || missing "PostgreSQL is not installed and this is not root: run" \
         "'apt-get install -y postgresql' as root (or set PG_BINDIR to its bin folder)"
-    command -v apt-get >/dev/null 2>&1 || die "PostgreSQL is not installed and there is no" \
+    command -v apt-get >/dev/null 2>&1 || missing "PostgreSQL is not installed and there is no" \
         "apt-get here: install PostgreSQL and set PG_BINDIR to its bin folder"
     say "installing Debian's postgresql package"
     export DEBIAN_FRONTEND=noninteractive
