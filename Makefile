@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check flows tasks models benchmarks tests
+	$(BIN)/ruff check flows tasks models benchmarks tests infra
 
 clean:
 	rm -rf data reports mlflow.db
