@@ -122,7 +122,7 @@ def ingest_cmd(
 
     try:
         result = ingest_flow(cfg)
-    except IngestError as exc:
+    except (IngestError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(result.describe())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.common.tracking import check_tracking_server
 from tasks.config import Config, IngestConfig, MlflowConfig
 from tasks.ingest.outputs import write_metrics
 from tasks.ingest.pipeline import finish, prepare, process
@@ -57,6 +58,7 @@ def log_run(result: IngestResult, ingest_cfg: IngestConfig, mlflow_cfg: MlflowCo
 @flow(name="ingest")
 def ingest_flow(cfg: Config) -> IngestResult:
     """DICOM archive + labels CSV -> de-identified, normalised, split dataset (see README)."""
+    check_tracking_server(cfg.mlflow.resolved_uri())  # before writing: a dead server is one error
     plan = prepare_inputs(cfg.ingest)  # warns itself when it falls back to the demo key
     results = process_files(plan)
     result = write_outputs(plan, results)

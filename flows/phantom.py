@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common.tracking import log_params, stage_run
+from tasks.common.tracking import check_tracking_server, log_params, stage_run
 from tasks.config import Config
 from tasks.phantom.generate import PhantomSummary, generate_phantom
 
@@ -12,6 +12,7 @@ from tasks.phantom.generate import PhantomSummary, generate_phantom
 @flow(name="phantom", log_prints=True)
 def phantom_flow(cfg: Config) -> PhantomSummary:
     """Generate the demo dataset and log it as an MLflow run."""
+    check_tracking_server(cfg.mlflow.resolved_uri())  # before writing: a dead server is one error
     summary = generate_phantom(cfg.phantom)
     import mlflow
 

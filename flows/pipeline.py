@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.config import DEFAULT_PARAMS, load_config
+from tasks.pipeline.lock import project_lock
 from tasks.pipeline.profile import set_profile
 from tasks.pipeline.run import PipelineFailed, PipelineRequest, run_pipeline
 from tasks.pipeline.runner import StageFailed, run_stage_process, stage_env
@@ -70,6 +71,14 @@ def pipeline_flow(params: str = str(DEFAULT_PARAMS), profile: str | None = None,
         root: the project folder (dvc.yaml, params.yaml).
     """
     _quiet_wrapper_tracebacks()
+    # synthdx run holds the lock already (re-entry is free); a deployment's or `synthdx serve`'s
+    # run takes it here, so a scheduled run never overlaps a run started by hand.
+    with project_lock(Path(root)):
+        return _pipeline(params, profile, from_stage, only, force, root)
+
+
+def _pipeline(params: str, profile: str | None, from_stage: str | None,
+              only: list[str] | None, force: bool, root: str) -> PipelineSummary:
     if profile is not None and set_profile(Path(root) / params, profile):
         print(f"params: profile set to {profile} in {params}")
     cfg = load_config(Path(root) / params)

@@ -16,7 +16,7 @@ from typing import Any
 
 from tasks.classifier.pipeline import read_model_infos
 from tasks.classifier.registry import register_champions
-from tasks.common.tracking import log_params, stage_run
+from tasks.common.tracking import check_tracking_server, log_params, stage_run
 from tasks.config import Config
 from tasks.validate.pipeline import ValidationResult, mlflow_payload, run_validation
 
@@ -88,6 +88,7 @@ def validate_stage(cfg: Config) -> ValidateSummary:
     """
     import mlflow
 
+    check_tracking_server(cfg.mlflow.resolved_uri())  # before writing: a dead server is one error
     v = cfg.validation
     root = Path(v.classifiers or cfg.classifier.output)
     started = time.perf_counter()
