@@ -71,6 +71,19 @@ def _options(section: str, **values: object) -> list[str]:
     return out
 
 
+def _worker_rank() -> bool:
+    """True in every distributed process but the global rank 0.
+
+    Why the global rank: on several nodes (SLURM, torchrun) each node has a local rank 0, and
+    only one process may be the stage's Prefect flow run. torchrun sets RANK, srun sets
+    SLURM_PROCID, Lightning's own launcher sets NODE_RANK and LOCAL_RANK.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) > 0
+    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("NODE_RANK", "LOCAL_RANK"))
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=code)
@@ -143,7 +156,7 @@ def train_diffusion_cmd(
 
     # Lightning's DDP launcher re-runs this command for the other local ranks; only rank 0
     # is the stage's Prefect flow run, the others just join the process group.
-    worker_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0
+    worker_rank = _worker_rank()
     try:
         summary = train_diffusion(cfg) if worker_rank else train_diffusion_flow(cfg)
     except (ValueError, OSError) as exc:
@@ -169,7 +182,7 @@ def synthesize_cmd(
     _project_prefect_home()
     from flows.synthesize import run_synthesize, synthesize_flow
 
-    worker_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0
+    worker_rank = _worker_rank()
     try:
         result = run_synthesize(cfg) if worker_rank else synthesize_flow(cfg)
     except (ValueError, OSError, RuntimeError) as exc:
