@@ -3,14 +3,17 @@
 PostgreSQL (infra/scripts/postgres.sh), moto's S3 server as the object store, ``mlflow
 server`` with basic authentication and ``prefect server start`` run as real processes
 (tests/servers). One fresh git + DVC project runs ``synthdx run --profile tiny`` against them;
-the tests then read back, through the servers' own clients, what the pipeline left there:
-runs, metrics, artifacts (also as objects in the bucket), registered models, refused
-anonymous requests, Prefect flow runs, a prefect.yaml deployment run by a worker, and DVC
-data pushed to and pulled from the object store. Each test builds on the one before.
+the pipeline tracks as its own (non-admin) MLflow account, as the team's workers do. The
+tests then read back, through the servers' own clients, what the pipeline left there: runs,
+metrics, artifacts (also as objects in the bucket), registered models, refused requests
+without valid credentials (MLflow and Prefect), Prefect flow runs, a prefect.yaml deployment
+run by a worker, and DVC data pushed to and pulled from the object store. Each test builds
+on the one before.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -107,10 +110,11 @@ def mlflow_client(servers: TeamServers) -> MlflowClient:
 @pytest.fixture
 def prefect_client(servers: TeamServers) -> Iterator[SyncPrefectClient]:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: servers.prefect.api_url}), \
-            get_client(sync_client=True) as client:
+    settings = {PREFECT_API_URL: servers.prefect.api_url,
+                PREFECT_API_AUTH_STRING: servers.prefect.auth_string}
+    with temporary_settings(updates=settings), get_client(sync_client=True) as client:
         yield client
 
 
@@ -194,23 +198,41 @@ def test_registered_models_are_in_the_server_registry(project, servers, mlflow_c
     assert list(scores.columns) == ["score", "positive"] and len(scores) == 3
 
 
-def test_mlflow_refuses_requests_without_valid_credentials(servers):
-    url = f"{servers.mlflow.url}/api/2.0/mlflow/experiments/search?max_results=1"
+def _status(url: str, auth: tuple[str, str] | None, body: dict[str, Any] | None = None
+            ) -> int:
+    """The HTTP status of a GET (or, with ``body``, a JSON POST) with basic auth or none."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if auth:
+        token = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
-    def status(auth: tuple[str, str] | None) -> int:
-        request = urllib.request.Request(url)
-        if auth:
-            token = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as resp:
-                return resp.status
-        except urllib.error.HTTPError as err:
-            return err.code
 
-    assert status(None) == 401
-    assert status((servers.mlflow.username, "not-the-password")) == 401
-    assert status((servers.mlflow.username, servers.mlflow.password)) == 200
+def test_servers_refuse_requests_without_valid_credentials(servers):
+    mlflow, prefect = servers.mlflow, servers.prefect
+    search = f"{mlflow.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _status(search, None) == 401
+    assert _status(search, (mlflow.account[0], "not-the-password")) == 401
+    assert _status(search, mlflow.account) == 200
+    assert _status(search, mlflow.admin) == 200
+    # The pipeline's account is no admin: it may not create users.
+    create_user = f"{mlflow.url}/api/2.0/mlflow/users/create"
+    assert _status(create_user, mlflow.account, {"username": "x", "password": "y" * 16}) == 403
+    assert _status(f"{mlflow.url}/health", None) == 200  # the health probe stays open
+
+    flows = f"{prefect.api_url}/flows/filter"
+    user, password = prefect.auth_string.split(":", 1)
+    assert _status(flows, None, {}) == 401
+    assert _status(flows, (user, "not-the-password"), {}) == 401
+    assert _status(flows, (user, password), {}) == 200
+    assert _status(f"{prefect.api_url}/health", None) == 200
 
 
 def _query(client: SyncPrefectClient, path: str, body: dict[str, Any], model: Any) -> list[Any]:

@@ -4,7 +4,10 @@ No machine here runs Docker, so each server is the real program started as a pro
 on 127.0.0.1 with a free port: PostgreSQL (``infra/scripts/postgres.sh``, which installs
 Debian's package when it is missing), moto's S3 server as the object store, ``mlflow server``
 with basic authentication on PostgreSQL with its artifacts in the object store, and
-``prefect server start`` on PostgreSQL. Every server writes a log file; a server that does
+``prefect server start`` on PostgreSQL with basic authentication on its API — configured as
+infra/docker-compose.yml configures the team's (infra/mlflow/basic_auth.ini, the pipeline's
+own MLflow account made by infra/mlflow/ensure_user.py). Every server writes a log file; a
+server that does
 not come up fails with the tail of its log, and every process group is stopped on the way
 out, whatever happened.
 
@@ -14,6 +17,7 @@ the test module: ``from tests.servers import team_servers  # noqa: F401``).
 
 from __future__ import annotations
 
+import configparser
 import os
 import secrets
 import shutil
@@ -166,13 +170,15 @@ class Postgres:
     password: str
     log: Path
 
-    def url(self, database: str, driver: str = "psycopg2") -> str:
+    def url(self, database: str, driver: str = "psycopg2", password: bool = True) -> str:
         """SQLAlchemy URL of ``database`` (``psycopg2`` for MLflow, ``asyncpg`` for Prefect).
 
         Why the explicit driver: SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3,
-        which the team install does not have (it has psycopg2-binary).
+        which the team install does not have (it has psycopg2-binary). Without ``password``
+        the URL leaves it to libpq's PGPASSWORD, as infra/docker-compose.yml does for MLflow.
         """
-        return (f"postgresql+{driver}://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+        secret = f":{self.password}" if password else ""
+        return (f"postgresql+{driver}://{self.user}{secret}@127.0.0.1:{self.port}/"
                 f"{database}")
 
 
@@ -266,17 +272,17 @@ def object_store(folder: Path, bucket: str = "synthdx", timeout: float = 60
 
 @dataclass(frozen=True)
 class MlflowServer:
-    """``mlflow server`` with basic authentication."""
+    """``mlflow server`` with basic authentication: an admin and the pipeline's account."""
 
     url: str
-    username: str
-    password: str
+    admin: tuple[str, str]
+    account: tuple[str, str]
     server: ServerProcess
 
     def env(self) -> dict[str, str]:
-        """What an MLflow client needs to track into this server."""
-        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": self.username,
-                "MLFLOW_TRACKING_PASSWORD": self.password}
+        """What the pipeline needs to track into this server (as its own account)."""
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": self.account[0],
+                "MLFLOW_TRACKING_PASSWORD": self.account[1]}
 
 
 @contextmanager
@@ -284,61 +290,73 @@ def mlflow_server(folder: Path, db: Postgres, store: ObjectStore, timeout: float
                   ) -> Iterator[MlflowServer]:
     """MLflow's tracking server and registry on PostgreSQL, artifacts proxied to the store.
 
-    The basic-auth app keeps its users in their own database (``mlflow_auth``); the admin
-    with a generated password is the only user, and anyone else may only read
-    (``default_permission = READ``): a request without credentials is refused.
+    Configured as infra/docker-compose.yml configures the team's: the basic-auth app with
+    infra/mlflow/basic_auth.ini (only its user store moved to this cluster), the admin from
+    MLFLOW_AUTH_ADMIN_USERNAME / _PASSWORD, database passwords from PGPASSWORD, proxied
+    artifacts; then the pipeline's own account is made by infra/mlflow/ensure_user.py.
     """
     port = free_port()
-    password = secrets.token_urlsafe(18)
-    ini = folder / "mlflow_auth.ini"
-    ini.write_text("[mlflow]\n"
-                   "default_permission = READ\n"
-                   f"database_uri = {db.url('mlflow_auth')}\n"
-                   "admin_username = admin\n"
-                   f"admin_password = {password}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                   # One worker: a checked password is cached instead of re-hashed (PBKDF2)
-                   # on every request, as a team server with a busy pipeline would set it.
-                   "auth_cache_ttl_seconds = 300\n")
-    ini.chmod(0o600)
+    auth = configparser.ConfigParser()
+    auth.read(REPO / "infra" / "mlflow" / "basic_auth.ini")
+    auth["mlflow"]["database_uri"] = db.url("mlflow_auth", password=False)
+    ini = folder / "basic_auth.ini"
+    with ini.open("w") as fh:
+        auth.write(fh)
+    admin = ("admin", secrets.token_urlsafe(18))
+    account = ("synthdx-pipeline", secrets.token_urlsafe(18))
     env = {**base_env(), **store.env(), "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+           "PGPASSWORD": db.password, "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+           "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
            # The job runner (huey consumers, several processes) serves GenAI jobs only.
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
-           "--backend-store-uri", db.url("mlflow"),
+           "--backend-store-uri", db.url("mlflow", password=False), "--serve-artifacts",
            "--artifacts-destination", f"s3://{store.bucket}/mlflow",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     server = start_process("mlflow server", cmd, folder / "mlflow.log", env, folder)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(server, http_ok(f"{url}/health"), timeout, "/health")
-        yield MlflowServer(url=url, username="admin", password=password, server=server)
+        made = subprocess.run(
+            [sys.executable, str(REPO / "infra" / "mlflow" / "ensure_user.py")],
+            env={**base_env(), "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": admin[0],
+                 "MLFLOW_TRACKING_PASSWORD": admin[1], "SYNTHDX_MLFLOW_USERNAME": account[0],
+                 "SYNTHDX_MLFLOW_PASSWORD": account[1]},
+            capture_output=True, text=True, timeout=120)
+        if made.returncode != 0:
+            raise server.failure(f"ensure_user.py failed: {made.stdout}{made.stderr}")
+        yield MlflowServer(url=url, admin=admin, account=account, server=server)
     finally:
         server.stop()
 
 
 @dataclass(frozen=True)
 class PrefectServer:
-    """``prefect server start`` on PostgreSQL."""
+    """``prefect server start`` on PostgreSQL, with basic authentication on its API."""
 
     api_url: str
+    auth_string: str
     home: Path
     server: ServerProcess
 
     def env(self) -> dict[str, str]:
         """What a Prefect client (flow run, worker, CLI) needs to use this server."""
-        return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_API_AUTH_STRING": self.auth_string,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
 @contextmanager
 def prefect_server(folder: Path, db: Postgres, timeout: float = 180) -> Iterator[PrefectServer]:
-    """Prefect's API server (and its services) on PostgreSQL, the UI off."""
+    """Prefect's API server (and its services) on PostgreSQL, as infra/docker-compose.yml
+    runs it: basic authentication on the API (PREFECT_SERVER_API_AUTH_STRING); the UI off."""
     port = free_port()
     home = folder / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
+    auth_string = f"synthdx:{secrets.token_urlsafe(18)}"
     env = {**base_env(), "PREFECT_HOME": str(home),
            "PREFECT_API_DATABASE_CONNECTION_URL": db.url("prefect", driver="asyncpg"),
+           "PREFECT_SERVER_API_AUTH_STRING": auth_string,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
            "--port", str(port)]
@@ -346,7 +364,7 @@ def prefect_server(folder: Path, db: Postgres, timeout: float = 180) -> Iterator
     try:
         api = f"http://127.0.0.1:{port}/api"
         wait_until(server, http_ok(f"{api}/health"), timeout, "/api/health")
-        yield PrefectServer(api_url=api, home=home, server=server)
+        yield PrefectServer(api_url=api, auth_string=auth_string, home=home, server=server)
     finally:
         server.stop()
 
