@@ -7,9 +7,8 @@ with basic authentication on PostgreSQL with its artifacts in the object store, 
 ``prefect server start`` on PostgreSQL with basic authentication on its API — configured as
 infra/docker-compose.yml configures the team's (infra/mlflow/basic_auth.ini, the pipeline's
 own MLflow account made by infra/mlflow/ensure_user.py). Every server writes a log file; a
-server that does
-not come up fails with the tail of its log, and every process group is stopped on the way
-out, whatever happened.
+server that does not come up fails with the tail of its log, and every process group is
+stopped on the way out, whatever happened.
 
 Use the context managers directly, or the session fixture ``team_servers`` (import it into
 the test module: ``from tests.servers import team_servers  # noqa: F401``).
