@@ -326,3 +326,28 @@ def test_dvc_push_and_pull_through_the_object_store(project, servers):
     assert (root / "data/processed/manifest.parquet").is_file()
     status = _run([DVC, "status", "ingest"], root, env)
     assert "up to date" in status.stdout.lower(), status.stdout
+
+
+def test_postgres_script_is_idempotent_and_names_bad_input(servers, tmp_path):
+    from tests.servers import POSTGRES_SCRIPT, base_env
+
+    db = servers.postgres
+    env = {**base_env(), "SYNTHDX_PG_USER": db.user, "SYNTHDX_PG_PASSWORD": db.password}
+
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(POSTGRES_SCRIPT), *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    again = script("start", str(db.data), str(db.port), "mlflow", "prefect")
+    assert again.returncode == 0, again.stderr
+    assert f"already running on 127.0.0.1:{db.port}" in again.stderr
+    assert script("status", str(db.data)).returncode == 0
+    moved = script("start", str(db.data), str(db.port + 1))
+    assert moved.returncode == 1
+    assert f"already runs on port {db.port}, not {db.port + 1}" in moved.stderr
+    (tmp_path / "notes.txt").write_text("not a cluster")
+    occupied = script("start", str(tmp_path), str(db.port + 1))
+    assert occupied.returncode == 1, occupied.stderr
+    assert "is not empty and not a PostgreSQL cluster" in occupied.stderr
+    assert tmp_path.stat().st_uid == os.getuid()  # refused before anything changed hands
+    assert script("status", str(tmp_path / "nothing")).returncode == 3

@@ -123,12 +123,15 @@ start() {
     # The socket lives in DIR; Unix socket paths are limited to 107 bytes.
     (( ${#dir} + 20 < 107 )) || die "$dir: path too long for PostgreSQL's Unix socket" \
         "(${#dir} characters; use a shorter folder)"
+    # Checked before anything changes hands: a folder with other files is left alone.
+    if [[ -d $dir && ! -f $dir/PG_VERSION && -n $(ls -A "$dir") ]]; then
+        die "$dir is not empty and not a PostgreSQL cluster"
+    fi
     install_postgres
     bindir=$(find_bindir)
     prepare_dir "$dir"
 
     if [[ ! -f $dir/PG_VERSION ]]; then
-        [[ -z $(ls -A "$dir") ]] || die "$dir is not empty and not a PostgreSQL cluster"
         say "creating a cluster in $dir ($("$bindir/postgres" --version))"
         local log
         log=$(mktemp)
