@@ -65,11 +65,25 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1200,
 
 @pytest.fixture(scope="module")
 def servers(team_servers: TeamServers) -> Iterator[TeamServers]:  # noqa: F811
-    """The team servers, with this process's MLflow client pointed at the tracking server."""
+    """The team servers, with this process's MLflow client pointed at the tracking server.
+
+    Set as the global URIs too (and unset afterwards): earlier tests in the session may have
+    called ``mlflow.set_tracking_uri``, which wins over the environment, and MLflow resolves
+    ``models:/`` URIs through the global registry URI whatever a call is given.
+    """
+    import mlflow
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
         for key, value in team_servers.mlflow.env().items():
             mp.setenv(key, value)
-        yield team_servers
+        mlflow.set_tracking_uri(team_servers.mlflow.url)
+        mlflow.set_registry_uri(team_servers.mlflow.url)
+        try:
+            yield team_servers
+        finally:
+            mlflow.set_registry_uri(None)
+            mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +192,7 @@ def test_mlflow_server_holds_the_runs_metrics_and_artifacts(project, servers, ml
 
 
 def test_registered_models_are_in_the_server_registry(project, servers, mlflow_client):
-    import mlflow
+    import mlflow.pyfunc
     import numpy as np
 
     client = mlflow_client
