@@ -73,17 +73,21 @@ def servers(team_servers: TeamServers) -> Iterator[TeamServers]:  # noqa: F811
     """
     import mlflow
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        for key, value in team_servers.mlflow.env().items():
-            mp.setenv(key, value)
-        mlflow.set_tracking_uri(team_servers.mlflow.url)
-        mlflow.set_registry_uri(team_servers.mlflow.url)
-        try:
-            yield team_servers
-        finally:
-            mlflow.set_registry_uri(None)
-            mlflow.set_tracking_uri(None)
+    # A snapshot, not monkeypatch: ``set_registry_uri`` also exports MLFLOW_REGISTRY_URI, and
+    # resetting it to None leaves that export behind; later tests' subprocesses inherited the
+    # authenticated server as their registry and got 401 on registering a model.
+    saved = dict(os.environ)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    os.environ.update(team_servers.mlflow.env())
+    mlflow.set_tracking_uri(team_servers.mlflow.url)
+    mlflow.set_registry_uri(team_servers.mlflow.url)
+    try:
+        yield team_servers
+    finally:
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
