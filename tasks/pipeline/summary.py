@@ -60,7 +60,7 @@ class PipelineSummary:
             lines.append(f"  report: {self.report}")
         if self.mlflow_run_id:
             lines.append(f"  MLflow: run {self.mlflow_run_id} in {self.tracking_uri} "
-                         "(browse: synthdx ui)")
+                         f"(browse: {_browse_hint(self.tracking_uri)})")
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -121,3 +121,10 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
                 if values.get("auc") is not None:
                     out[tag_key(f"auc/{task}/{ens['regime']}/{key}")] = float(values["auc"])
     return out
+
+
+def _browse_hint(tracking_uri: str | None) -> str:
+    """How to look at the runs: a tracking server has its own UI, a local store needs ours."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return "synthdx ui"
