@@ -201,6 +201,7 @@ def test_mlflow_server_basic_auth_postgresql_and_proxied_s3_artifacts(services):
     for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
                 "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
         assert env[key].startswith("${"), key
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # as on the test servers
     # The bucket is the one minio-init creates.
     bucket = destination.removeprefix("s3://").split("/")[0]
     assert f"synthdx/{bucket}" in (INFRA / "minio" / "create-buckets.sh").read_text()
