@@ -18,7 +18,7 @@ from tasks.config import DEFAULT_PARAMS, load_config
 from tasks.pipeline.lock import project_lock
 from tasks.pipeline.profile import set_profile
 from tasks.pipeline.run import PipelineFailed, PipelineRequest, run_pipeline
-from tasks.pipeline.runner import StageFailed, run_stage_process, stage_env
+from tasks.pipeline.runner import StageFailed, run_stage_process, stage_env, stopping
 from tasks.pipeline.summary import PipelineSummary
 
 ARTIFACT_KEY = "synthdx-pipeline"
@@ -45,7 +45,13 @@ def _quiet_wrapper_tracebacks() -> None:
             logger.addFilter(_StageErrorOnly())
 
 
-@task(name="stage", task_run_name="{stage}", persist_result=False)
+def _retry_unless_stopping(task: object, task_run: object, state: object) -> bool:
+    """A stage terminated because the pipeline is stopping (SIGTERM, Ctrl-C) is not retried."""
+    return not stopping()
+
+
+@task(name="stage", task_run_name="{stage}", persist_result=False,
+      retry_condition_fn=_retry_unless_stopping)
 def stage_task(stage: str, root: str, force: bool, parent_run_id: str | None,
                threads: int | None = None) -> float:
     """Run one stage in its own process; a failure raises StageFailed (Prefect retries it)."""

@@ -4,7 +4,8 @@ One project goes through the steps in order (each test builds on the one before)
 run builds everything under one MLflow parent run; a second run skips every stage; a
 classifier parameter reruns only the classifier and validation stages; a stage that fails
 once succeeds on its retry; a failing stage stops the pipeline with its own error; a run
-killed mid-stage is finished by the next run.
+terminated mid-stage stops its stages at once; a run killed mid-stage is finished by the next
+run.
 """
 
 from __future__ import annotations
@@ -185,24 +186,53 @@ def test_failing_stage_stops_the_pipeline_with_its_own_error(project):
     _set_params(root, pipeline={"retries": 1})
 
 
-def test_run_killed_mid_stage_finishes_on_restart(project):
-    root, env = project
-    _set_params(root, classifier={"lr": 0.0015})
-    log = (root / "killed.log").open("w")
-    proc = subprocess.Popen([SYNTHDX, "run"], cwd=root, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def _start_until_classifier(root: Path, env: dict[str, str], log_name: str
+                            ) -> tuple[subprocess.Popen, Path]:
+    """Start `synthdx run` (its own session) and return once a classifier stage trains."""
+    log_path = root / log_name
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([SYNTHDX, "run"], cwd=root, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
     text = ""
     while time.monotonic() < deadline and proc.poll() is None:
-        text = (root / "killed.log").read_text()
+        text = log_path.read_text()
         if "for flow 'train-classifier'" in text or "for flow 'train_classifier'" in text:
             break
         time.sleep(0.5)
     assert proc.poll() is None, f"the run ended before the classifier stage:\n{text[-3000:]}"
     time.sleep(3)  # inside the stage: training
+    return proc, log_path
+
+
+def test_run_terminated_mid_stage_stops_its_stages_at_once(project):
+    """SIGTERM to `synthdx run` alone (as Prefect's cancellation or systemd sends it) stops
+    the stage processes it started, says so, and leaves nothing running."""
+    import psutil
+
+    root, env = project
+    _set_params(root, classifier={"lr": 0.0012})
+    proc, log_path = _start_until_classifier(root, env, "terminated.log")
+    stage_procs = psutil.Process(proc.pid).children(recursive=True)
+    assert any("train-classifier" in " ".join(p.cmdline()) for p in stage_procs)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 143
+    assert time.monotonic() - started < 60  # a classifier stage trains for longer
+    _, alive = psutil.wait_procs(stage_procs, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    text = log_path.read_text()
+    assert "pipeline: stopping; terminating train_classifier@" in text
+    assert "error: synthdx run terminated (SIGTERM)" in text
+    assert not (root / ".dvc" / "tmp" / "synthdx-run.json").exists()  # lock released
+
+
+def test_run_killed_mid_stage_finishes_on_restart(project):
+    root, env = project
+    _set_params(root, classifier={"lr": 0.0015})
+    proc, _ = _start_until_classifier(root, env, "killed.log")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    log.close()
 
     out = _run([SYNTHDX, "run"], root, env)
     assert _ran(out.stdout) >= {"validate"}

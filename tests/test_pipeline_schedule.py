@@ -127,3 +127,28 @@ def test_selected_subset_ignores_upstream_outside_the_run():
                          [(1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 16, 8), (0, 4, 4)])
 def test_thread_budget(concurrent, cores, expected):
     assert thread_budget(concurrent, cores) == expected
+
+
+def test_interruption_stops_the_running_stages_before_waiting_for_them():
+    """Ctrl-C or SIGTERM lands in the scheduling thread while clf@0 runs: on_abort is told
+    to stop it, and the interruption is raised once it has stopped, not after it finished."""
+    released = threading.Event()
+    lines: list[str] = []
+
+    def launch(info: StageInfo, threads: int) -> float:
+        if not released.wait(timeout=30):  # a stage that runs until it is stopped
+            raise AssertionError("the running stage was never stopped")
+        raise StageFailed(info.name, -15, "terminated")
+
+    def stale(name: str) -> str | None:
+        if name == "clf@1":
+            raise KeyboardInterrupt  # arrives while clf@0 runs
+        return "changed"
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_scheduled(DAG[1:3], stale, launch, max_parallel=2, log=lines.append, cores=2,
+                      on_abort=released.set)
+    assert time.monotonic() - started < 10
+    assert released.is_set()
+    assert "pipeline: stopping; terminating clf@0" in lines

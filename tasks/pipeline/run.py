@@ -15,7 +15,7 @@ from pathlib import Path
 from tasks.config import Config
 from tasks.pipeline.dag import StageInfo, pipeline_stages, select_stages, stale_reason
 from tasks.pipeline.lineage import lineage_tags, tag_key
-from tasks.pipeline.runner import StageFailed
+from tasks.pipeline.runner import StageFailed, begin_stages, stop_stages
 from tasks.pipeline.schedule import run_scheduled
 from tasks.pipeline.summary import (
     PipelineSummary,
@@ -91,7 +91,14 @@ def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
         def stale(name: str) -> str | None:
             return "forced" if request.force else stale_reason(request.root, name)
 
-        result = run_scheduled(stages, stale, launch, cfg.pipeline.max_parallel, log)
+        begin_stages()
+        try:
+            result = run_scheduled(stages, stale, launch, cfg.pipeline.max_parallel, log,
+                                   on_abort=stop_stages)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: stopped, not failed
+                mlflow.end_run("KILLED")
+            raise
         failure = result.failure
         for outcome in result.outcomes:
             if outcome.outcome in ("ran", "failed"):

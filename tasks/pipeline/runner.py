@@ -7,7 +7,9 @@ re-run the stage's command for the other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +30,13 @@ class StageFailed(RuntimeError):
         self.returncode = returncode
         self.error = error
         super().__init__(f"stage {stage} failed (exit code {returncode}):\n{error}")
+
+
+class StageInterrupted(StageFailed):
+    """The pipeline is stopping (SIGTERM, Ctrl-C): the stage was terminated, or not started."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage, -signal.SIGTERM, "terminated: the pipeline is stopping")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,82 @@ def _error_text(lines: list[str]) -> str:
     return "\n".join(lines[-ERROR_TAIL_LINES:]).strip() or "(no error output)"
 
 
+class _StageProcesses:
+    """The stage processes this process is running, so that stopping the pipeline stops them.
+
+    Why: a SIGTERM (Prefect cancelling a deployment's run, systemd, ``kill``) reaches only
+    the pipeline process, and the stages are waited on in worker threads; without this the
+    pipeline would wait for every running stage to finish before it exits. Each stage runs
+    in its own process group, so DVC and the stage command under it are signalled together.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: dict[str, subprocess.Popen[str]] = {}
+        self.stopping = threading.Event()
+
+    def start(self, stage: str, cmd: list[str], root: Path, env: Mapping[str, str]
+              ) -> subprocess.Popen[str]:
+        with self._lock:  # no new process once stopping has begun
+            if self.stopping.is_set():
+                raise StageInterrupted(stage)
+            proc = subprocess.Popen(cmd, cwd=root, env=dict(env), stderr=subprocess.PIPE,
+                                    text=True, errors="replace", bufsize=1, process_group=0)
+            self._procs[stage] = proc
+            return proc
+
+    def done(self, stage: str) -> None:
+        with self._lock:
+            self._procs.pop(stage, None)
+
+    def stop(self, grace: float) -> list[str]:
+        """SIGTERM every running stage's process group; SIGKILL what is left after ``grace`` s.
+
+        Returns:
+            The stages that were running.
+        """
+        with self._lock:
+            self.stopping.set()
+            procs = dict(self._procs)
+        for proc in procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        return list(procs)
+
+
+def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signum)
+
+
+_RUNNING = _StageProcesses()
+
+
+def begin_stages() -> None:
+    """Start of a pipeline run: stage processes may start (again, after an earlier stop)."""
+    _RUNNING.stopping.clear()
+
+
+def stop_stages(grace: float = 30.0) -> list[str]:
+    """Terminate the running stage processes and let no new one start (pipeline stopping).
+
+    Returns:
+        The stages that were running.
+    """
+    return _RUNNING.stop(grace)
+
+
+def stopping() -> bool:
+    """Whether the pipeline is stopping (no retry of a terminated stage)."""
+    return _RUNNING.stopping.is_set()
+
+
 def run_stage_process(stage: str, root: Path, env: Mapping[str, str], force: bool = False
                       ) -> StageRun:
     """Run ``stage`` in its own process, streaming its output to this terminal.
@@ -70,11 +155,11 @@ def run_stage_process(stage: str, root: Path, env: Mapping[str, str], force: boo
 
     Raises:
         StageFailed: the stage process exited non-zero.
+        StageInterrupted: the pipeline is stopping (see :func:`stop_stages`).
     """
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=400)
-    proc = subprocess.Popen(stage_command(stage, force), cwd=root, env=dict(env),
-                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    proc = _RUNNING.start(stage, stage_command(stage, force), root, env)
 
     def relay() -> None:
         assert proc.stderr is not None
@@ -88,15 +173,19 @@ def run_stage_process(stage: str, root: Path, env: Mapping[str, str], force: boo
     try:
         returncode = proc.wait()
     except BaseException:
-        proc.terminate()
+        _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
         raise
+    finally:
+        _RUNNING.done(stage)
     reader.join(timeout=10)
     seconds = time.perf_counter() - started
     if returncode != 0:
+        if stopping():
+            raise StageInterrupted(stage)
         raise StageFailed(stage, returncode, _error_text(list(tail)))
     return StageRun(stage=stage, seconds=seconds, returncode=returncode)
 

@@ -13,10 +13,11 @@ tested without DVC, Prefect or MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -46,10 +47,26 @@ def thread_budget(concurrent: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, concurrent))
 
 
+@contextlib.contextmanager
+def _stop_on_interrupt(running: dict[Future[float], tuple[StageInfo, float, str]],
+                       on_abort: Callable[[], None] | None,
+                       log: Callable[[str], None]) -> Iterator[None]:
+    """On an interruption of the scheduling thread, stop the stages still running."""
+    try:
+        yield
+    except BaseException:
+        if running and on_abort is not None:
+            names = ", ".join(sorted(info.name for info, _, _ in running.values()))
+            log(f"pipeline: stopping; terminating {names}")
+            on_abort()
+        raise
+
+
 def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None],
                   launch: Launch, max_parallel: int = 1,
                   log: Callable[[str], None] = print,
-                  cores: int | None = None) -> ScheduleResult:
+                  cores: int | None = None,
+                  on_abort: Callable[[], None] | None = None) -> ScheduleResult:
     """Run the stale stages of ``stages`` as their upstream stages finish.
 
     A stage starts once every upstream stage that is part of this run has finished; it is
@@ -64,6 +81,8 @@ def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None
         max_parallel: most stages running at once.
         log: where "runs" / "skipped" lines go.
         cores: CPU cores to share out (default: this machine's).
+        on_abort: stops the running stages when this thread is interrupted (SIGTERM,
+            Ctrl-C); without it the interruption waits for them to finish.
     """
     selected = {s.name for s in stages}
     pending = list(stages)
@@ -76,8 +95,10 @@ def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None
         return [s for s in pending
                 if all(u in finished for u in s.upstream if u in selected)]
 
+    # Exits before the pool does: the running stages are stopped before it waits for them.
     with ThreadPoolExecutor(max_workers=max(1, max_parallel),
-                            thread_name_prefix="stage") as pool:
+                            thread_name_prefix="stage") as pool, \
+            _stop_on_interrupt(running, on_abort, log):
         while pending or running:
             progressed = True
             while failure is None and progressed and len(running) < max_parallel:
