@@ -7,7 +7,7 @@ random images with the model's real condition spec (no dataset needed):
      project's condition embedding), DDPM noising, condition dropout and epsilon MSE loss;
      forward / backward / step, nothing else.
   2. project training: the real path, a Lightning Trainer fitting ``DiffusionModule`` at the
-     precision train_diffusion resolves (bf16-mixed on a GPU, fp32 on the CPU), with the
+     precision train_diffusion resolves (bf16-mixed on a GPU or a CPU with native bf16), with the
      callbacks that cost time per step in train_diffusion (EMAWeightAveraging,
      ThroughputMonitor), gradient clipping as configured and the module's speed options
      (compile, channels_last, flash attention, fused AdamW, TF32, cuDNN autotuning; by
@@ -626,7 +626,7 @@ def _eps_error(setup: Setup, weights: dict[str, torch.Tensor], unet: torch.nn.Mo
 
 
 def sample_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The synthesize stage's rule: ``auto`` is bf16 autocast on a GPU, fp32 on the CPU."""
+    """The synthesize stage's rule: ``auto`` is bf16 autocast where training used bf16-mixed."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if precision.startswith("bf16") else None

@@ -228,7 +228,7 @@ class DiffusionConfig(_Strict):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     gradient_clip_val: Annotated[float, Field(ge=0.0)] = 1.0
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU, 32-true on the CPU.")
+        "auto", description="auto: bf16-mixed on a GPU or a CPU with native bf16, else 32-true.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | Literal["auto"] = 1
     num_nodes: Annotated[int, Field(ge=1)] = 1
@@ -289,7 +289,7 @@ class SynthesizeConfig(_Strict):
         7_000_000, description="Image i of the plan gets seed + i: any image can be regenerated.")
     groups: list[SampleGroup] = Field(default_factory=_default_groups)
     precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU, fp32 on the CPU.")
+        "auto", description="auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | Literal["auto"] = 1
     num_nodes: Annotated[int, Field(ge=1)] = 1
@@ -411,7 +411,7 @@ class ClassifierConfig(_Strict):
         "youden", description="How the operating threshold is picked on the internal "
                               "validation split (never on test or external data).")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU, 32-true on the CPU.")
+        "auto", description="auto: bf16-mixed on a GPU or a CPU with native bf16, else 32-true.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | Literal["auto"] = 1
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0

@@ -28,11 +28,27 @@ def _cfg(tmp_path: Path, max_steps: int):
         "diffusion.log_every_n_steps=1", "diffusion.accelerator=cpu"])
 
 
-def test_precision_is_fp32_on_cpu():
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_that_compute_it(monkeypatch):
+    from tasks.common import precision
+
     cfg = load_config(PARAMS, ["diffusion.accelerator=cpu"])
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision(cfg.diffusion) == "32-true"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision(cfg.diffusion) == "bf16-mixed"
     gpu = load_config(PARAMS, ["diffusion.accelerator=gpu"])
     assert resolve_precision(gpu.diffusion) == "bf16-mixed"
+    fixed = load_config(PARAMS, ["diffusion.accelerator=cpu", "diffusion.precision=32-true"])
+    assert resolve_precision(fixed.diffusion) == "32-true"
+
+
+def test_native_bf16_probe_matches_torch():
+    import torch
+
+    from tasks.common.precision import cpu_has_native_bf16
+
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() is bool(expected)
 
 
 def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):

@@ -5,8 +5,24 @@ from __future__ import annotations
 import torch
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX tiles).
+
+    Why it decides: on such CPUs (e.g. AMD Zen 4, Intel Sapphire Rapids) oneDNN runs bf16
+    convolutions about 1.5x faster than fp32 (demo UNet on 2 cores: training 18 -> 30
+    images/s, sampling 60 -> 92); without it bf16 is emulated and slower than fp32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
 def auto_precision(precision: str, accelerator: str) -> str:
-    """``auto`` means bf16 mixed precision on a CUDA GPU and full fp32 on the CPU.
+    """``auto``: bf16 mixed precision on a CUDA GPU or a CPU with native bf16, else fp32.
+
+    The resolved value is what the stage logs to MLflow (``precision``), so a run records
+    which arithmetic produced it; set ``precision: 32-true`` for bit-comparable CPU runs
+    across machines.
 
     Args:
         precision: the configured precision (``auto`` or a Lightning precision string).
@@ -16,4 +32,4 @@ def auto_precision(precision: str, accelerator: str) -> str:
         return precision
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto"
                                                   and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if on_gpu or cpu_has_native_bf16() else "32-true"

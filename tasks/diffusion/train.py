@@ -1,8 +1,9 @@
 """Train the class-conditional diffusion model on the processed dataset's training split.
 
-Lightning does the loop: precision (bf16-mixed on a GPU, fp32 on the CPU), DDP across
-devices and nodes, gradient clipping, EMA of the weights (``EMAWeightAveraging``), periodic
-checkpoints with ``last.ckpt``, and resume from it with the same optimiser, EMA and step.
+Lightning does the loop: precision (bf16-mixed on a GPU or a CPU with native bf16, else
+fp32), DDP across devices and nodes, gradient clipping, EMA of the weights
+(``EMAWeightAveraging``), periodic checkpoints with ``last.ckpt``, and resume from it with the
+same optimiser, EMA and step.
 Checkpoints live in ``diffusion.work_dir`` so a killed run keeps them; the final EMA model is
 written atomically into ``diffusion.output`` by rank 0 only. A tracking server that is down
 at the start stops the stage before anything is written; one that goes away during training
@@ -63,7 +64,7 @@ class TrainSummary:
 
 
 def resolve_precision(cfg: DiffusionConfig) -> str:
-    """``auto`` means bf16 mixed precision on a CUDA GPU and full fp32 on the CPU."""
+    """``auto``: bf16-mixed on a GPU or a CPU with native bf16, else fp32 (see precision.py)."""
     return auto_precision(cfg.precision, cfg.accelerator)
 
 

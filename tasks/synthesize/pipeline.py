@@ -67,7 +67,7 @@ class SynthesizeResult:
 
 
 def resolve_precision(cfg: SynthesizeConfig) -> str:
-    """``auto`` means bf16 autocast on a CUDA GPU and fp32 on the CPU (as in training)."""
+    """``auto``: bf16 autocast where training used bf16-mixed (tasks.common.precision)."""
     return auto_precision(cfg.precision, cfg.accelerator)
 
 
