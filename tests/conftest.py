@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
+BIN = Path(sys.executable).parent
+
+
+def make_project(root: Path, env: Mapping[str, str],
+                 edit_params: Callable[[dict[str, Any]], None]) -> None:
+    """A fresh git + DVC project in ``root`` holding this checkout's code and parameters.
+
+    ``edit_params`` adjusts params.yaml before the first commit (the classifier matrix comes
+    from it, so a test cuts it there). Used by the end-to-end and team-server tests.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml", "prefect.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("tasks", "models", "profiles", "flows"):
+        shutil.copytree(REPO / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    edit_params(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
+                ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        proc = subprocess.run(cmd, cwd=root, env=dict(env), capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import make_project
 
 BIN = Path(sys.executable).parent
 SYNTHDX = str(BIN / "synthdx")
@@ -75,26 +74,18 @@ def _runs(root: Path) -> list:
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A fresh git + DVC project: this repository's code, the tiny profile, two regimes."""
     root = tmp_path_factory.mktemp("e2e") / "proj"
-    root.mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml", "prefect.yaml"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("tasks", "models", "profiles", "flows"):
-        shutil.copytree(REPO / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    # The classifier matrix comes from params.yaml (DVC expands it), so it is cut here.
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["classifier"].update(tasks=TASKS, regimes=REGIMES)
-    params["validation"]["comparisons"] = [["real+synthetic", "real"]]
-    params["pipeline"].update(retries=1, retry_delay_seconds=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def edit(params: dict) -> None:
+        # The classifier matrix comes from params.yaml (DVC expands it), so it is cut here.
+        params["classifier"].update(tasks=TASKS, regimes=REGIMES)
+        params["validation"]["comparisons"] = [["real+synthetic", "real"]]
+        params["pipeline"].update(retries=1, retry_delay_seconds=1)
+
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_", "SYNTHDX_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
-                ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        _run(cmd, root, env)
+    make_project(root, env, edit)
     return root, env
 
 

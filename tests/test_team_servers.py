@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
 
-from tests.conftest import REPO
+from tests.conftest import make_project
 from tests.servers import TeamServers, team_servers  # noqa: F401  (session fixture)
 
 if TYPE_CHECKING:
@@ -96,25 +95,17 @@ def project(tmp_path_factory: pytest.TempPathFactory, servers: TeamServers
     """A fresh git + DVC project (this repository's code, tiny profile, one task, two regimes)
     and the environment of a synthdx process on the team servers."""
     root = tmp_path_factory.mktemp("team") / "proj"
-    root.mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml", "prefect.yaml"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("tasks", "models", "profiles", "flows"):
-        shutil.copytree(REPO / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["classifier"].update(tasks=[TASK], regimes=REGIMES)
-    params["validation"]["comparisons"] = [["real+synthetic", "real"]]
-    params["pipeline"].update(retries=0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def edit(params: dict) -> None:
+        params["classifier"].update(tasks=[TASK], regimes=REGIMES)
+        params["validation"]["comparisons"] = [["real+synthetic", "real"]]
+        params["pipeline"].update(retries=0)
+
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_", "SYNTHDX_", "AWS_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                PREFECT_HOME=str(root / ".prefect"), **servers.client_env())
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
-                ["git", "config", "user.name", "t"], [DVC, "init", "-q"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        _run(cmd, root, env)
+    make_project(root, env, edit)
     return root, env
 
 
