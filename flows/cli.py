@@ -309,8 +309,6 @@ def run_cmd(
                 except ConfigError as exc:
                     raise _fail(str(exc), 2) from None
             _project_prefect_home()
-            from prefect.exceptions import TerminationSignal
-
             from flows.pipeline import pipeline_flow
             from flows.prefect_api import shared_prefect_api
 
@@ -323,12 +321,12 @@ def run_cmd(
                 raise _fail(str(exc.failure)) from None
             except PipelineError as exc:
                 raise _fail(str(exc), 2) from None
-            except (KeyboardInterrupt, TerminationSignal) as exc:
-                how, code = (("interrupted", 130) if isinstance(exc, KeyboardInterrupt)
-                             else ("terminated (SIGTERM)", 143))
-                raise _fail(f"synthdx run {how}: the running stages were stopped before DVC "
-                            "recorded them; `synthdx run` again continues from the first "
-                            "stage that is not up to date", code) from None
+            except KeyboardInterrupt:
+                # (A SIGTERM never gets here: Prefect's flow engine turns it into a crashed
+                # flow run, then re-delivers it, so the process ends by the signal.)
+                raise _fail("synthdx run interrupted: the running stages were stopped before "
+                            "DVC recorded them; `synthdx run` again continues from the first "
+                            "stage that is not up to date", 130) from None
     except ProjectLocked as exc:
         raise _fail(str(exc), LOCKED_EXIT_CODE) from None
     typer.echo(summary.describe())

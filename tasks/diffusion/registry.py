@@ -30,6 +30,9 @@ def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
     requirements = [f"{p}=={_version(p)}" for p in ("torch", "monai", "lightning", "einops",
                                                     "pandas", "numpy", "mlflow")]
     signature = _signature(weights, DEFAULT_PARAMS)
+    # Resume the run in its own experiment: the fluent API refuses a run whose experiment is
+    # not the process's active one (set by an earlier set_experiment in the same process).
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),

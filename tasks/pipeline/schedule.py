@@ -57,7 +57,8 @@ def _stop_on_interrupt(running: dict[Future[float], tuple[StageInfo, float, str]
     except BaseException:
         if running and on_abort is not None:
             names = ", ".join(sorted(info.name for info, _, _ in running.values()))
-            log(f"pipeline: stopping; terminating {names}")
+            log(f"pipeline: stopping; terminating {names} (DVC records nothing for them: "
+                "the next synthdx run reruns them)")
             on_abort()
         raise
 
