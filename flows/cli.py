@@ -6,8 +6,11 @@ and validates the tree before doing anything, so any run is reproducible from it
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -312,8 +315,10 @@ def run_cmd(
             from flows.pipeline import pipeline_flow
             from flows.prefect_api import shared_prefect_api
 
+            stopped = ("the running stages were stopped before DVC recorded them; `synthdx "
+                       "run` again continues from the first stage that is not up to date")
             try:
-                with shared_prefect_api():
+                with _sigterm_exits(), shared_prefect_api():
                     summary = pipeline_flow(params=str(params), from_stage=from_stage,
                                             only=only or None, force=force)
             except PipelineFailed as exc:
@@ -322,14 +327,35 @@ def run_cmd(
             except PipelineError as exc:
                 raise _fail(str(exc), 2) from None
             except KeyboardInterrupt:
-                # (A SIGTERM never gets here: Prefect's flow engine turns it into a crashed
-                # flow run, then re-delivers it, so the process ends by the signal.)
-                raise _fail("synthdx run interrupted: the running stages were stopped before "
-                            "DVC recorded them; `synthdx run` again continues from the first "
-                            "stage that is not up to date", 130) from None
+                raise _fail(f"synthdx run interrupted: {stopped}", 130) from None
+            except _Terminated:
+                raise _fail(f"synthdx run terminated (SIGTERM): {stopped}", 143) from None
     except ProjectLocked as exc:
         raise _fail(str(exc), LOCKED_EXIT_CODE) from None
     typer.echo(summary.describe())
+
+
+class _Terminated(SystemExit):
+    """SIGTERM reached ``synthdx run``: unwind (stop the Prefect server, release the lock)."""
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Make SIGTERM unwind the pipeline run instead of killing the process on the spot.
+
+    Why: Prefect's flow engine turns a SIGTERM into a crashed flow run (the scheduler stops
+    the stages meanwhile) and then re-delivers it to the handler it found installed; with
+    Python's default handler the process would die there, leaving the temporary Prefect
+    server it started running. This handler raises instead, so every ``with`` unwinds.
+    """
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command("status")
