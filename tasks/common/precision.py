@@ -8,9 +8,9 @@ import torch
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX tiles).
 
-    Why it decides: on such CPUs (e.g. AMD Zen 4, Intel Sapphire Rapids) oneDNN runs bf16
-    convolutions about 1.5x faster than fp32 (demo UNet on 2 cores: training 18 -> 30
-    images/s, sampling 60 -> 92); without it bf16 is emulated and slower than fp32.
+    Why it decides: on such CPUs (e.g. AMD Zen 4, Intel Sapphire Rapids) oneDNN runs the
+    demo UNet ~1.7x faster in bf16 than in fp32 (benchmarks/bench_unet_cpu.py, 2 cores:
+    training 18 -> 32 images/s, forward 58 -> 107); without it bf16 is emulated and slower.
     """
     cpu = getattr(torch, "cpu", None)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
