@@ -45,6 +45,33 @@ def to_image_range(samples: torch.Tensor) -> torch.Tensor:
     return ((samples + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+class PatchedUNet(nn.Module):
+    """A UNet that works on ``p x p`` pixel patches folded into channels.
+
+    Why: on a CPU the full-resolution level of a pixel-space UNet costs most of the time; a
+    lossless space-to-depth fold (``PixelUnshuffle``) lets the same budget buy a wider network
+    at a quarter (p = 2) of the positions, the way patch-based diffusion models (DiT, "simple
+    diffusion") trade resolution for width. ``PixelShuffle`` unfolds the prediction.
+    """
+
+    def __init__(self, inner: DiffusionModelUNet, patch_size: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.patch_size = patch_size
+        self.fold = nn.PixelUnshuffle(patch_size)
+        self.unfold = nn.PixelShuffle(patch_size)
+
+    @property
+    def class_embedding(self) -> nn.Module:
+        """The condition embedding of the inner UNet."""
+        return self.inner.class_embedding
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The inner UNet's prediction on the folded image, unfolded to pixels."""
+        return self.unfold(self.inner(self.fold(x), timesteps, class_labels=class_labels))
+
+
 def build_unet(
     channels: Sequence[int],
     attention_levels: Sequence[bool],
@@ -54,7 +81,8 @@ def build_unet(
     spec: ConditionSpec,
     *,
     flash_attention: bool = False,
-) -> DiffusionModelUNet:
+    patch_size: int = 1,
+) -> nn.Module:
     """A 2-D, two-view DiffusionModelUNet conditioned on the factors in ``spec``.
 
     ``num_class_embeds`` is set so MONAI takes its class-conditional branch in ``forward``
@@ -72,11 +100,14 @@ def build_unet(
             memory-efficient kernels on GPUs) instead of MONAI's explicit softmax(QK^T)V. Same
             parameters, same result up to rounding; the explicit form stores a (tokens x
             tokens) matrix per head for the backward pass.
+        patch_size: 1 (plain pixels) or p > 1: the UNet sees ``p x p`` patches folded into
+            channels (``PatchedUNet``); image sides must be multiples of p.
     """
+    folded = IMAGE_CHANNELS * patch_size * patch_size
     unet = DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=IMAGE_CHANNELS,
-        out_channels=IMAGE_CHANNELS,
+        in_channels=folded,
+        out_channels=folded,
         channels=tuple(channels),
         attention_levels=tuple(attention_levels),
         num_res_blocks=num_res_blocks if isinstance(num_res_blocks, int) else tuple(num_res_blocks),
@@ -88,7 +119,7 @@ def build_unet(
     )
     time_embed_dim = unet.class_embedding.embedding_dim
     unet.class_embedding = ConditionEmbedding(spec.cardinalities, time_embed_dim)
-    return unet
+    return PatchedUNet(unet, patch_size) if patch_size > 1 else unet
 
 
 def set_flash_attention(unet: nn.Module, enabled: bool = True) -> int:
@@ -129,6 +160,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 """What the network predicts (MONAI scheduler ``prediction_type``)."""
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+"""How the per-timestep losses are weighted (``DiffusionModule.loss_weighting``)."""
+
 SPEED_OPTIONS = ("compile", "channels_last", "flash_attention", "fused_adamw", "tf32",
                  "cudnn_benchmark")
 """``DiffusionModule`` arguments that change speed, not the model (kept out of ``hparams``)."""
@@ -155,9 +189,17 @@ class DiffusionModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up length in optimiser steps.
         max_steps: length of the cosine decay; normally the trainer's ``max_steps``.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` (1.0: constant after the
+            warm-up, so that any checkpoint of a long run is also the end of a shorter one).
         val_seed: seed of the fixed noise and timesteps used for validation, so validation
             losses are comparable across epochs and runs.
+        prediction_type: ``epsilon`` or ``v_prediction`` (see ``diffusion_loss``).
+        patch_size: pixels per side folded into channels before the UNet (see ``PatchedUNet``).
+        loss_weighting: ``uniform`` (plain MSE on the prediction) or ``min_snr`` (Hang et al.
+            2023: each timestep's loss weighted by ``min(SNR, gamma)``, expressed for the
+            prediction type, so that the many nearly noise-free timesteps, which teach little,
+            do not dominate the gradient; it converges several times faster).
+        min_snr_gamma: the ``gamma`` of ``min_snr``.
         compile: ``torch.compile`` the UNet when fitting starts (after the EMA callback has
             copied the module, so the average model stays a plain module). The first steps
             then pay the compilation; later ones fuse GroupNorm/SiLU/residual arithmetic.
@@ -198,6 +240,9 @@ class DiffusionModule(L.LightningModule):
         min_lr_ratio: float = 0.05,
         val_seed: int = 0,
         prediction_type: str = "epsilon",
+        patch_size: int = 1,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
         *,
         compile: bool = False,  # noqa: A002 - the name the configuration uses
         channels_last: bool = False,
@@ -216,8 +261,12 @@ class DiffusionModule(L.LightningModule):
             "compile": compile, "channels_last": channels_last,
             "flash_attention": flash_attention, "fused_adamw": fused_adamw, "tf32": tf32,
             "cudnn_benchmark": cudnn_benchmark}
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
+                             f"got {loss_weighting!r}")
         self.unet = build_unet(channels, attention_levels, num_res_blocks, num_head_channels,
-                               norm_num_groups, self.spec, flash_attention=flash_attention)
+                               norm_num_groups, self.spec, flash_attention=flash_attention,
+                               patch_size=patch_size)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if prediction_type not in PREDICTION_TYPES:
@@ -285,9 +334,23 @@ class DiffusionModule(L.LightningModule):
                           generator=generator)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self(noisy, t, cond)
-        target = (noise if self.noise_scheduler.prediction_type == "epsilon"
-                  else self.noise_scheduler.get_velocity(x0, noise, t))
-        return F.mse_loss(pred.float(), target.float())
+        epsilon = self.noise_scheduler.prediction_type == "epsilon"
+        target = noise if epsilon else self.noise_scheduler.get_velocity(x0, noise, t)
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (per_sample * self.loss_weights(t, epsilon)).mean()
+
+    def loss_weights(self, t: torch.Tensor, epsilon: bool) -> torch.Tensor:
+        """Per-sample loss weights at timesteps ``t`` (all ones for ``uniform``).
+
+        Min-SNR-gamma clips the x0-space weight ``SNR`` at ``gamma``; in epsilon units that is
+        ``min(SNR, gamma) / SNR``, in velocity units ``min(SNR, gamma) / (SNR + 1)``.
+        """
+        if self.hparams.get("loss_weighting", "uniform") != "min_snr":
+            return torch.ones_like(t, dtype=torch.float32)
+        abar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = abar / (1.0 - abar)
+        clipped = snr.clamp(max=float(self.hparams.get("min_snr_gamma", 5.0)))
+        return clipped / snr if epsilon else clipped / (snr + 1.0)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One DDPM step; logs ``train/loss`` and the current ``lr``."""

@@ -259,3 +259,41 @@ def test_sampling_rejects_bad_requests(trained) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="DDPM"):
         sample(module.unet, "ddpm", 5, torch.tensor([[0, 0]]), 1.0, [1], (2, ROWS, COLS), "cpu",
                null_cond=module.spec.null_indices, **module.noise_schedule)
+
+
+def test_patched_unet_folds_pixels_and_keeps_the_image_shape(spec: ConditionSpec) -> None:
+    """patch_size 2: the UNet sees a quarter of the positions, the output is pixel-shaped."""
+    module = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS, patch_size=2)
+    inner = module.unet.inner
+    assert inner.conv_in.conv.in_channels == 8  # 2 views x 2 x 2 pixels
+    with torch.no_grad():  # MONAI zero-initialises the output convolution
+        for p in inner.out.parameters():
+            p.normal_(0, 0.1)
+    x = torch.rand(3, 2, ROWS, COLS)
+    cond = torch.as_tensor(spec.null_indices).repeat(3, 1)
+    out = module(x, torch.tensor([1, 10, 40]), cond)
+    assert out.shape == x.shape
+    # A pixel's prediction depends on its own patch: the fold is lossless, not a downsampling.
+    y = x.clone()
+    y[0, :, 0, 0] += 1.0
+    assert not torch.equal(module(y, torch.tensor([1, 10, 40]), cond)[0], out[0])
+    rebuilt = DiffusionModule(**module.hparams)
+    rebuilt.load_state_dict(module.state_dict())
+    assert torch.equal(rebuilt(x, torch.tensor([1, 10, 40]), cond), out)
+
+
+def test_min_snr_weights_clip_the_easy_timesteps(spec: ConditionSpec) -> None:
+    """Min-SNR-5: nearly clean timesteps weigh gamma/(SNR+1) << 1 in velocity units."""
+    uniform = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS,
+                              prediction_type="v_prediction")
+    weighted = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS,
+                               prediction_type="v_prediction", loss_weighting="min_snr")
+    t = torch.tensor([0, TIMESTEPS // 2, TIMESTEPS - 1])
+    assert torch.equal(uniform.loss_weights(t, epsilon=False), torch.ones(3))
+    w = weighted.loss_weights(t, epsilon=False)
+    abar = weighted.noise_scheduler.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    assert torch.allclose(w, snr.clamp(max=5.0) / (snr + 1))
+    assert w[0] < 0.01 < w[1]
+    with pytest.raises(ValueError, match="loss_weighting"):
+        DiffusionModule(spec, **TINY, loss_weighting="snr")
