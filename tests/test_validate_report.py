@@ -179,6 +179,74 @@ def test_json_matches_its_schema_and_a_corrupted_one_does_not(
             validate_report(broken)
 
 
+def test_pooled_external_comparison_in_every_comparison(validation: ValidationResult) -> None:
+    """One pooled Delta AUC over the external sites, its CI, p; the schema holds it to its shape."""
+    report = json.loads(validation.json_path.read_text(encoding="utf-8"))
+    for task in TASKS:
+        comp = report["tasks"][task]["comparisons"][0]
+        pooled = comp["pooled"]
+        assert pooled["sites"] == sorted(EXTERNAL)
+        assert pooled["n"] == sum(SIZES[s] for s in EXTERNAL)
+        assert pooled["patients"] == pooled["n"]  # one study per pseudonym in this simulation
+        assert pooled["delta_auc"] == pytest.approx(comp["external"]["delta_auc_mean"], rel=1e-4)
+        assert pooled["delta_auc_ci_low"] < pooled["delta_auc"] < pooled["delta_auc_ci_high"]
+        assert pooled["delong_ci_low"] < pooled["delta_auc"] < pooled["delong_ci_high"]
+        assert pooled["bootstrap"] == 100 and pooled["note"] is None
+        assert 0 <= pooled["p_value"] <= 1
+        assert pooled["verdict"] in ("better", "worse", "no significant difference")
+        assert "patients" in pooled["method"]
+    for corrupt in ({"verdict": "maybe"}, {"bootstrap": -1}, {"extra": 1}, {"sites": []}):
+        broken = copy.deepcopy(report)
+        broken["tasks"]["metastasis"]["comparisons"][0]["pooled"].update(corrupt)
+        with pytest.raises(ReportSchemaError):
+            validate_report(broken)
+    missing = copy.deepcopy(report)
+    del missing["tasks"]["metastasis"]["comparisons"][0]["pooled"]["delta_auc_ci_low"]
+    with pytest.raises(ReportSchemaError):
+        validate_report(missing)
+    no_external = copy.deepcopy(report)
+    no_external["tasks"]["metastasis"]["comparisons"][0]["pooled"] = None
+    validate_report(no_external)
+
+
+def test_html_headline_states_the_pooled_result_first(validation: ValidationResult) -> None:
+    html = validation.html_path.read_text(encoding="utf-8")
+    sentences = re.findall(r"<p>(Pooled over the 3 external site\(s\)[^<]*)</p>", html)
+    assert len(sentences) == len(TASKS)
+    for task, text in zip(validation.report["tasks"], sentences, strict=True):
+        pooled = validation.report["tasks"][task]["comparisons"][0]["pooled"]
+        assert f"{pooled['delta_auc']:+.3f}" in text and "95 % CI" in text
+        assert f"{pooled['delta_auc_ci_low']:+.3f} to {pooled['delta_auc_ci_high']:+.3f}" in text
+        assert text.index("95 % CI") < text.index(" p ") < text.index("At ")
+    assert "Pooled over external sites" in html  # the table row
+
+
+def test_pipeline_headline_shows_the_pooled_delta_with_its_interval(
+        validation: ValidationResult) -> None:
+    from tasks.pipeline.summary import headline, headline_metrics
+
+    table, html = headline(validation.json_path.parent)
+    assert table is not None and html == validation.html_path
+    assert "aurelia*" in table  # the AUC table is still there
+    pooled = validation.report["tasks"]["amyloidosis"]["comparisons"][0]["pooled"]
+    line = next(x for x in table.splitlines()
+                if "amyloidosis" in x and "real_limited+synthetic_vs_real_limited" in x)
+    assert (f"{pooled['delta_auc']:+.3f} [{pooled['delta_auc_ci_low']:+.3f}, "
+            f"{pooled['delta_auc_ci_high']:+.3f}]") in line
+    metrics = headline_metrics(validation.report)
+    base = "pooled_delta_auc/amyloidosis/real_limited_plus_synthetic_vs_real_limited"
+    assert metrics[base] == pooled["delta_auc"]
+    assert metrics[base + "/ci_low"] == pooled["delta_auc_ci_low"]
+    assert metrics[base + "/ci_high"] == pooled["delta_auc_ci_high"]
+    assert metrics["auc/metastasis/real/aurelia"] == \
+        validation.report["tasks"]["metastasis"]["ensembles"][0]["sets"]["aurelia"]["auc"]
+    old = copy.deepcopy(validation.report)  # a report written before the pooled comparison
+    for doc in old["tasks"].values():
+        for comp in doc["comparisons"]:
+            del comp["pooled"]
+    assert not any(k.startswith("pooled") for k in headline_metrics(old))
+
+
 def test_html_is_self_contained_and_shows_every_site_and_regime(
         validation: ValidationResult) -> None:
     html = validation.html_path.read_text(encoding="utf-8")
@@ -201,7 +269,8 @@ def test_dvc_metrics_and_plot_files(validation: ValidationResult) -> None:
         assert set(metrics["auc"][task]) == set(REGIMES)
         assert set(metrics["auc"][task]["real"]) == set(_sets())
         delta = metrics["delta_auc"][task]["real_limited+synthetic_vs_real_limited"]
-        assert set(delta) == {*_sets(), "external_mean"}
+        assert set(delta) == {*_sets(), "external_mean", "pooled_external"}
+        assert delta["pooled_external"] == pytest.approx(delta["external_mean"], rel=1e-4)
         for site in _sets():
             roc = pd.read_csv(validation.plots_dir / "roc" / f"{task}_{site}.csv")
             assert list(roc.columns) == ["regime", "fpr", "tpr"]
@@ -222,6 +291,10 @@ def test_mlflow_payload_names_are_loggable(validation: ValidationResult) -> None
     assert "amyloidosis.real_limited_plus_synthetic.aurelia.auc" in metrics
     assert "amyloidosis.real_limited_plus_synthetic_vs_real_limited.external_mean.delta_auc" \
         in metrics
+    for key in ("delta_auc", "delta_auc_ci_low", "delta_auc_ci_high", "p_value"):
+        name = f"metastasis.real_limited_plus_synthetic_vs_real_limited.pooled_external.{key}"
+        assert metrics[name] == validation.report["tasks"]["metastasis"]["comparisons"][0][
+            "pooled"][key]
     assert all(re.fullmatch(r"[/\w.\- :]+", name) for name in metrics)  # MLflow's rule
     assert all(isinstance(v, float) for v in metrics.values())
     assert validation.json_path in artifacts and validation.html_path in artifacts
@@ -244,6 +317,10 @@ def test_any_subset_of_tasks_regimes_and_seeds(tmp_path: Path) -> None:
     assert alpine["specificity"] is not None
     assert doc["comparisons"][0]["sets"]["alpine"]["verdict"] == "not assessable"
     assert doc["comparisons"][0]["external"]["n_sites"] == 2
+    pooled = doc["comparisons"][0]["pooled"]
+    assert pooled["verdict"] == "not assessable" and pooled["delta_auc"] is None
+    assert "alpine" in pooled["note"] and pooled["bootstrap"] == 0
+    assert "alpine cannot be assessed" in result.html_path.read_text(encoding="utf-8")
     assert list(result.report["tasks"]) == ["metastasis"]
     assert doc["seeds"] == [3] and doc["regimes"] == ["real", "real+synthetic"]
     assert doc["ensembles"][0]["sets"][INTERNAL]["seed_auc_sd"] is None

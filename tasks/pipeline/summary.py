@@ -106,12 +106,57 @@ def headline(reports_dir: Path) -> tuple[str | None, Path | None]:
         table = headline_table(report)
     except (KeyError, TypeError):
         return None, None
+    pooled = pooled_lines(report)
+    if pooled:
+        table += "\n" + "\n".join(pooled)
     html = reports_dir / "validation.html"
     return table, html if html.is_file() else None
 
 
+def _pooled(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(task, "<with>_vs_<without>", pooled)`` of every comparison with a pooled object.
+
+    ``.get`` throughout: a report written before the pooled comparison existed has none, and the
+    headline must still show its AUC table.
+    """
+    out = []
+    for task, doc in report.get("tasks", {}).items():
+        for comp in doc.get("comparisons", []):
+            pooled = comp.get("pooled")
+            if isinstance(pooled, dict):
+                out.append((task, f"{comp.get('with')}_vs_{comp.get('without')}", pooled))
+    return out
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if not isinstance(value, int | float) else f"{value:+.3f}"
+
+
+def pooled_lines(report: dict[str, Any]) -> list[str]:
+    """One line per task and comparison: pooled external Delta AUC [CI], p, verdict, sites."""
+    rows = _pooled(report)
+    if not rows:
+        return []
+    level = report.get("config", {}).get("confidence", 0.95)
+    lines = [f"  pooled external Delta AUC (mean over sites, {level * 100:g} % CI, p):"]
+    for task, name, pooled in rows:
+        p = pooled.get("p_value")
+        p_text = "p n/a" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
+        estimate = (f"{_signed(pooled.get('delta_auc'))} "
+                    f"[{_signed(pooled.get('delta_auc_ci_low'))}, "
+                    f"{_signed(pooled.get('delta_auc_ci_high'))}] {p_text}"
+                    if pooled.get("delta_auc") is not None else "n/a")
+        lines.append(f"    {task:<14}{name:<44}{estimate}  {pooled.get('verdict', '')} "
+                     f"({len(pooled.get('sites', []))} sites)")
+    return lines
+
+
 def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Ensemble AUC per task, regime and evaluation set, as MLflow metric names."""
+    """Ensemble AUC per task, regime and set; pooled external Delta AUC [CI] per comparison.
+
+    Names: ``auc/<task>/<regime>/<set>`` and ``pooled_delta_auc/<task>/<with>_vs_<without>``
+    with ``/ci_low`` and ``/ci_high`` beside it (MLflow metric names, ``+`` spelled out).
+    """
     from tasks.pipeline.lineage import tag_key
 
     out: dict[str, float] = {}
@@ -120,6 +165,12 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
             for key, values in ens.get("sets", {}).items():
                 if values.get("auc") is not None:
                     out[tag_key(f"auc/{task}/{ens['regime']}/{key}")] = float(values["auc"])
+    for task, name, pooled in _pooled(report):
+        base = f"pooled_delta_auc/{task}/{name}"
+        for suffix, key in (("", "delta_auc"), ("/ci_low", "delta_auc_ci_low"),
+                            ("/ci_high", "delta_auc_ci_high")):
+            if isinstance(pooled.get(key), int | float):
+                out[tag_key(base + suffix)] = float(pooled[key])
     return out
 
 

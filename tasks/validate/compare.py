@@ -3,7 +3,9 @@
 For each (with, without) pair and each evaluation set: the difference of the seed ensembles'
 AUCs with DeLong's test (correlated ROC curves: the same cases scored by both), its relative
 size in percent of the AUC without (how the published study reports it, e.g. "+33 +- 10 %"),
-and the per-seed differences, seeds paired by seed value, as mean +- sd.
+and the per-seed differences, seeds paired by seed value, as mean +- sd. Over all external
+sites together: one pooled Delta AUC with a paired, patient-clustered bootstrap CI
+(:mod:`tasks.validate.pooled`).
 """
 
 from __future__ import annotations
@@ -12,33 +14,24 @@ from typing import Any
 
 import numpy as np
 
-from tasks.validate.assess import ensemble, mean_sd
+from tasks.validate.assess import ensemble, mean_sd, stable_seed
 from tasks.validate.delong import delong_test
 from tasks.validate.evalsets import EvalSet
 from tasks.validate.inputs import TaskCases
 from tasks.validate.metrics import auc
+from tasks.validate.pooled import SiteScores, cluster_index, pooled_comparison
+from tasks.validate.verdicts import (
+    BETTER,
+    NO_DIFFERENCE,
+    NOT_ASSESSABLE,
+    VERDICTS,
+    WORSE,
+    relative_pct,
+    verdict,
+)
 
-BETTER = "better"
-WORSE = "worse"
-NO_DIFFERENCE = "no significant difference"
-NOT_ASSESSABLE = "not assessable"
-VERDICTS = (BETTER, WORSE, NO_DIFFERENCE, NOT_ASSESSABLE)
-
-
-def verdict(delta: float | None, p_value: float | None, alpha: float) -> str:
-    """One word for a reader: better / worse when ``p < alpha``, else no significant difference."""
-    if delta is None or p_value is None:
-        return NOT_ASSESSABLE
-    if p_value < alpha:
-        return BETTER if delta > 0 else WORSE
-    return NO_DIFFERENCE
-
-
-def relative_pct(delta: float | None, reference: float | None) -> float | None:
-    """``delta / reference * 100`` (``None`` when either is missing or the reference is 0)."""
-    if delta is None or reference is None or reference == 0:
-        return None
-    return delta / reference * 100.0
+__all__ = ["BETTER", "NO_DIFFERENCE", "NOT_ASSESSABLE", "VERDICTS", "WORSE", "compare_on_set",
+           "compare_regimes", "external_summary", "pooled_external", "relative_pct", "verdict"]
 
 
 def _per_seed(cases: TaskCases, with_: str, without: str, seeds: list[int],
@@ -118,9 +111,42 @@ def external_summary(per_set: dict[str, dict[str, Any]], sets: list[EvalSet]
     }
 
 
+def pooled_external(cases: TaskCases, with_: str, without: str, sets: list[EvalSet], *,
+                    confidence: float, resamples: int, seed: int) -> dict[str, Any] | None:
+    """The pooled comparison over every external set of one regime pair (``None`` if none).
+
+    The seed ensembles are the same as the per-site comparison's, so the pooled estimate is
+    exactly the mean of the per-site ``delta_auc`` values.
+    """
+    external = [es for es in sets if not es.internal]
+    if not external:
+        return None
+    ens_with, ens_without = ensemble(cases, with_), ensemble(cases, without)
+    clusters, clustered = cluster_index(cases.cases)
+    y = cases.labels
+    sites = []
+    for es in external:
+        keep = es.mask(cases.cases)
+        _, local = np.unique(clusters[keep], return_inverse=True)
+        sites.append(SiteScores(key=es.key, labels=y[keep], scores_with=ens_with.scores[keep],
+                                scores_without=ens_without.scores[keep],
+                                clusters=local.astype(np.int64)))
+    return pooled_comparison(sites, resamples=resamples, confidence=confidence, seed=seed,
+                             clustered=clustered)
+
+
 def compare_regimes(cases: TaskCases, pairs: list[tuple[str, str]], sets: list[EvalSet],
-                    confidence: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                    confidence: float, *, resamples: int = 1000, seed: int = 0
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every configured (with, without) pair present for this task.
+
+    Args:
+        cases: the task's aligned cases and scores.
+        pairs: (with, without) regime names.
+        sets: the evaluation sets (internal first, then external).
+        confidence: level of every interval; the verdicts' alpha is ``1 - confidence``.
+        resamples: bootstrap resamples of the pooled external comparison.
+        seed: base seed of that bootstrap (each task and pair derives its own from it).
 
     Returns:
         ``(comparisons, skipped)``: a pair with a regime absent from the task's models is
@@ -138,6 +164,10 @@ def compare_regimes(cases: TaskCases, pairs: list[tuple[str, str]], sets: list[E
                    for es in sets}
         seeds = sorted({s for r, s in cases.scores if r == with_}
                        & {s for r, s in cases.scores if r == without})
+        pooled = pooled_external(
+            cases, with_, without, sets, confidence=confidence, resamples=resamples,
+            seed=stable_seed(seed, cases.task, with_, without, "pooled_external"))
         done.append({"with": with_, "without": without, "paired_seeds": seeds,
-                     "sets": per_set, "external": external_summary(per_set, sets)})
+                     "sets": per_set, "external": external_summary(per_set, sets),
+                     "pooled": pooled})
     return done, skipped

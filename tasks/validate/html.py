@@ -82,12 +82,37 @@ def _subgroup_rows(task_doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                                                 r["variable"] != "sex"))
 
 
-def _headline(comparison: Mapping[str, Any]) -> str:
-    """One sentence per comparison over the external sites, in plain words."""
+def _pooled_sentence(pooled: Mapping[str, Any] | None, confidence: float) -> str:
+    """The pooled external comparison in words: estimate, CI, p and verdict first."""
+    if not pooled:
+        return ""
+    sites = len(pooled["sites"])
+    if pooled["delta_auc"] is None:
+        return (f"Pooled over the {sites} external site(s): not assessable "
+                f"({pooled['note'] or 'no estimate'}). ")
+    p = _p(pooled["p_value"])
+    p_text = f"p {p}" if p.startswith("<") else f"p = {p}"
+    return (f"Pooled over the {sites} external site(s) (each site weighted equally), the change "
+            f"in AUC was {_signed(pooled['delta_auc'])} "
+            f"({confidence * 100:g} % CI {_signed(pooled['delta_auc_ci_low'])} to "
+            f"{_signed(pooled['delta_auc_ci_high'])}, {p_text}), "
+            f"{_pct(pooled['relative_change_pct'])} of the mean AUC without: "
+            f"{pooled['verdict']}. ")
+
+
+def _headline(comparison: Mapping[str, Any], confidence: float = 0.95) -> str:
+    """One sentence per comparison over the external sites, in plain words.
+
+    The pooled estimate with its interval and p comes first: it is the one number that answers
+    "did it help at other hospitals?"; the per-site counts follow, because a mean can hide a
+    site where it did not.
+    """
     ext = comparison.get("external")
     if not ext or not ext["n_sites"]:
-        return "No external site could be compared."
-    return (f"At {ext['sites_better']} of {len(ext['sites'])} external sites the model with "
+        return (_pooled_sentence(comparison.get("pooled"), confidence)
+                + "No external site could be compared.")
+    return (_pooled_sentence(comparison.get("pooled"), confidence)
+            + f"At {ext['sites_better']} of {len(ext['sites'])} external sites the model with "
             f"{comparison['with']} was significantly better, at {ext['sites_worse']} "
             f"significantly worse; mean change in AUC over external sites "
             f"{_signed(ext['delta_auc_mean'])} ({_pct(ext['relative_change_pct_mean'])}; "
@@ -107,7 +132,8 @@ def render_html(report: Mapping[str, Any],
             if files is not None:
                 plots.append({"set": es, "roc": _data_uri(files.roc_png),
                               "calibration": _data_uri(files.calibration_png)})
-        comparisons = [dict(c, headline=_headline(c)) for c in doc["comparisons"]]
+        confidence = float(report["config"]["confidence"])
+        comparisons = [dict(c, headline=_headline(c, confidence)) for c in doc["comparisons"]]
         tasks.append({"name": task, "doc": doc, "sets": sets, "plots": plots,
                       "comparisons": comparisons,
                       "subgroups": _subgroup_rows(doc),

@@ -49,6 +49,8 @@ HTML_FILE = "validation.html"
 PLOTS_DIR = "validation"
 POSITIVE_RULE = "score >= threshold"
 SCHEMA_VERSION = 1
+POOLED_METRICS = ("delta_auc", "delta_auc_ci_low", "delta_auc_ci_high", "p_value")
+"""The pooled external comparison's numbers logged to MLflow (``<...>.pooled_external.<key>``)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ def assess_task(cases: TaskCases, cfg: ValidateConfig) -> tuple[dict[str, Any], 
     models = assess_models(cases, sets, cfg)
     ensembles_doc = assess_ensembles(cases, sets, cfg, models)
     pairs = [(str(a), str(b)) for a, b in cfg.comparisons]
-    comparisons, skipped = compare_regimes(cases, pairs, sets, cfg.confidence)
+    comparisons, skipped = compare_regimes(cases, pairs, sets, cfg.confidence,
+                                           resamples=cfg.bootstrap, seed=cfg.seed)
     ensembles = [ensemble(cases, r) for r in regimes]
     doc = {"regimes": regimes, "seeds": sorted({s for _, s in cases.scores}),
            "eval_sets": [es.key for es in sets], "models": models,
@@ -183,7 +186,9 @@ def dvc_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The key numbers for ``dvc metrics show``: ensemble AUC per site, Delta AUC per comparison.
 
     ``{"auc": {task: {regime: {site: auc}}}, "delta_auc": {task: {"<with>_vs_<without>":
-    {site: delta, "external_mean": mean}}}}``. No timings or p-values: ``dvc metrics diff`` should
+    {site: delta, "external_mean": mean, "pooled_external": pooled}}}}``. ``pooled_external`` is
+    the pooled comparison's estimate (equal to ``external_mean`` when every site is assessable,
+    null when one is not). No timings, p-values or bootstrap bounds: ``dvc metrics diff`` should
     show changes of the models, not noise.
     """
     auc: dict[str, Any] = {}
@@ -196,6 +201,8 @@ def dvc_metrics(report: dict[str, Any]) -> dict[str, Any]:
             row = {k: d["delta_auc"] for k, d in comp["sets"].items()}
             if comp["external"] is not None:
                 row["external_mean"] = comp["external"]["delta_auc_mean"]
+            if comp.get("pooled") is not None:
+                row["pooled_external"] = comp["pooled"]["delta_auc"]
             delta[task][comparison_name(comp["with"], comp["without"])] = row
     return {"auc": auc, "delta_auc": delta}
 
@@ -211,8 +218,10 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
 
     Metrics: ``<task>.<regime>.<site>.auc`` (seed ensemble) plus ``.auc_ci_low``,
     ``.auc_ci_high``, ``.sensitivity``, ``.specificity``, ``.brier``, ``.ece``, and
-    ``<task>.<with>_vs_<without>.<site>.delta_auc`` / ``.p_value`` and
-    ``...external_mean.delta_auc``. Undefined numbers (None) are left out: MLflow has no null.
+    ``<task>.<with>_vs_<without>.<site>.delta_auc`` / ``.p_value``,
+    ``...external_mean.delta_auc`` and the pooled comparison
+    ``...pooled_external.delta_auc`` / ``.delta_auc_ci_low`` / ``.delta_auc_ci_high`` /
+    ``.p_value``. Undefined numbers (None) are left out: MLflow has no null.
     """
     metrics: dict[str, float] = {}
     keys = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "brier", "ece")
@@ -232,6 +241,10 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
             if ext is not None and ext["delta_auc_mean"] is not None:
                 metrics[mlflow_metric_name(task, name, "external_mean", "delta_auc")] = \
                     ext["delta_auc_mean"]
+            pooled = comp.get("pooled") or {}
+            for key in POOLED_METRICS:
+                if pooled.get(key) is not None:
+                    metrics[mlflow_metric_name(task, name, "pooled_external", key)] = pooled[key]
     artifacts = [result.json_path, result.metrics_path, result.html_path]
     for files in result.figures.values():
         artifacts += [files.roc_png, files.calibration_png, files.roc_csv, files.calibration_csv]
