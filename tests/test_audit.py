@@ -128,7 +128,7 @@ def _cfg(tmp_path: Path, processed: Path, synthetic: Path):
         f"audit.output={tmp_path / 'audit'}", f"reports_dir={tmp_path / 'reports'}",
         "audit.encoder.epochs=4", "audit.encoder.batch_size=32", "audit.encoder.feature_dim=32",
         "audit.two_sample_folds=3", "audit.pixel_critic_steps=60", "audit.msssim_pairs=40",
-        "audit.privacy.pairs_shown=4"])
+        "audit.privacy.pairs_shown=4", "audit.tstr.steps=0"])  # TSTR: tests/test_audit_tstr.py
 
 
 # --- metric units -------------------------------------------------------------------------

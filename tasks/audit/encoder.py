@@ -41,7 +41,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Label-preserving augmentation: a shift of up to 2 pixels and +-10 % intensity.
 
     Why: the features should not depend on exact pixel positions, or the encoder would
@@ -99,7 +99,7 @@ def train_encoder(images: torch.Tensor, grade: np.ndarray, metastasis: np.ndarra
             batch = order[start:start + cfg.batch_size]
             if len(batch) < 2:  # batch norm needs two samples
                 continue
-            x = _jitter(images[batch], gen).to(device)
+            x = jitter(images[batch], gen).to(device)
             out = model(x)
             loss = (F.cross_entropy(out["grade"], y_grade[batch].to(device), weight=grade_w)
                     + F.binary_cross_entropy_with_logits(

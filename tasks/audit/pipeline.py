@@ -1,15 +1,18 @@
 """The audit stage: quality and privacy of the synthetic set, and the released subset.
 
 Order of work: open and check both inputs; bring every image to the synthetic resolution;
-train the in-domain encoder on the real training split; quality metrics overall and per
-finding class, each beside a reference computed the same way on real held-out images (what
-"as good as real" looks like at these sample sizes); nearest-training-image similarity with
-a threshold from held-out images; then all outputs, atomically, and one MLflow run.
+train the in-domain encoder on the real training split; quality metrics overall (on a
+class-matched synthetic subsample, so the class mix the synthesis asked for is not counted as
+a difference) and per finding class, each beside a reference computed the same way on real
+held-out images (what "as good as real" looks like at these sample sizes); train-on-synthetic /
+test-on-real per downstream task; nearest-training-image similarity with a threshold from
+held-out images; then all outputs, atomically, and one MLflow run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from tasks.audit.data import (
     open_synthetic,
 )
 from tasks.audit.encoder import embed, heldout_skill, pick_device, train_encoder
+from tasks.audit.matching import ClassMatch, class_matched
 from tasks.audit.privacy import PrivacyCheck, check_privacy, summary
 from tasks.audit.quality import (
     CriticSettings,
@@ -45,6 +49,7 @@ from tasks.audit.report import (
     write_json,
     write_released,
 )
+from tasks.audit.tstr import TARGET_RATIO, VAL_SPLIT, run_tstr, tstr_metrics
 from tasks.common.atomic import atomic_dir
 from tasks.common.tracking import log_params, stage_run
 from tasks.config import AuditConfig, Config
@@ -74,6 +79,9 @@ class AuditResult:
     two_sample_auc_pixels: float | None
     seconds: float
     mlflow_run_id: str | None
+    class_matched_n: int | None = None
+    tstr: dict[str, dict[str, float | None]] | None = None
+    tstr_meets_target: bool | None = None
 
     def describe(self) -> str:
         """One short paragraph for the CLI."""
@@ -81,16 +89,29 @@ class AuditResult:
         def f(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.3f}"
 
+        matched = ("" if self.class_matched_n is None else
+                   f" (class-matched subsample of {self.class_matched_n})")
         return (
             f"audit: {self.synthetic} synthetic images, {self.withheld} withheld (nearest-"
             f"training NCC > {self.threshold_ncc:.4f}, max {self.max_ncc:.4f}), "
             f"{self.released} released, in {self.seconds:.1f} s\n"
-            f"  quality: FID {f(self.fid)} (real held-out {f(self.fid_reference)}), precision "
-            f"{f(self.precision)}, recall {f(self.recall)}, coverage {f(self.coverage)}, "
-            f"real-vs-synthetic AUC {f(self.two_sample_auc_features)} (features) / "
-            f"{f(self.two_sample_auc_pixels)} (pixels), 0.5 = indistinguishable\n"
+            f"  quality{matched}: FID {f(self.fid)} (real held-out {f(self.fid_reference)}), "
+            f"precision {f(self.precision)}, recall {f(self.recall)}, coverage "
+            f"{f(self.coverage)}, real-vs-synthetic AUC {f(self.two_sample_auc_features)} "
+            f"(features) / {f(self.two_sample_auc_pixels)} (pixels), 0.5 = indistinguishable\n"
+            f"{self._tstr_line(f)}"
             f"  report: {self.output / AUDIT_JSON}\n  released: {self.output / RELEASED_DIR}\n"
             f"  MLflow run: {self.mlflow_run_id}")
+
+    def _tstr_line(self, f: Callable[[float | None], str]) -> str:
+        """The TSTR line (AUC trained on synthetic / on real, per task), empty when off."""
+        if not self.tstr:
+            return ""
+        parts = [f"{task} {f(e['auc_synthetic'])} / {f(e['auc_real'])} (ratio {f(e['ratio'])})"
+                 for task, e in self.tstr.items()]
+        verdict = {True: "met", False: "not met", None: "n/a"}[self.tstr_meets_target]
+        return (f"  TSTR (AUC on real {VAL_SPLIT}, trained on synthetic / on as many real): "
+                f"{', '.join(parts)}; target ratio >= {TARGET_RATIO}: {verdict}\n")
 
 
 @dataclass
@@ -131,8 +152,13 @@ def standardise(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _quality(a: AuditConfig, x: _Inputs, feats: dict[str, np.ndarray], ref_rows: np.ndarray,
-             device: torch.device) -> dict[str, Any]:
-    """Quality metrics overall and per finding class, each with its real held-out reference."""
+             match: ClassMatch, device: torch.device) -> dict[str, Any]:
+    """Quality metrics overall and per finding class, each with its real held-out reference.
+
+    Overall: the class-matched synthetic subsample (``match``) against the real reference;
+    the whole synthetic set's feature metrics are kept as ``overall_unmatched``. Per class:
+    every synthetic image of the class.
+    """
     real_view = ImageSet(x.real.root, x.real.manifest[x.train_mask].reset_index(drop=True),
                          x.real.images)
     held_view = ImageSet(x.real.root, x.real.manifest[x.heldout_mask].reset_index(drop=True),
@@ -142,8 +168,7 @@ def _quality(a: AuditConfig, x: _Inputs, feats: dict[str, np.ndarray], ref_rows:
     syn_classes = x.synthetic.class_masks()
     ref_images = x.train[torch.from_numpy(ref_rows)]
     groups: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
-        "overall": (np.ones(len(ref_rows), bool), np.ones(len(x.images), bool),
-                    np.ones(len(x.heldout), bool))}
+        "overall": (np.ones(len(ref_rows), bool), match.mask, np.ones(len(x.heldout), bool))}
     if syn_classes and train_classes:
         for name in CLASS_DEFINITIONS:
             groups[name] = (train_classes[name], syn_classes[name], held_classes[name])
@@ -163,9 +188,12 @@ def _quality(a: AuditConfig, x: _Inputs, feats: dict[str, np.ndarray], ref_rows:
     critic = CriticSettings(folds=a.two_sample_folds, steps=a.pixel_critic_steps,
                             batch_size=a.encoder.batch_size, lr=a.encoder.lr, seed=a.seed)
     out["overall"]["two_sample_auc_pixels"] = (
-        pixel_two_sample_auc(ref_images, x.images, critic, device)
+        pixel_two_sample_auc(ref_images, x.images[torch.from_numpy(match.mask)], critic, device)
         if a.pixel_critic_steps > 0 else None)
-    return {"overall": out.pop("overall"), "per_class": out}
+    out["overall"]["class_matched"] = match.doc
+    unmatched = (feature_metrics(feats["train"], feats["synthetic"], a.nearest_k,
+                                 a.two_sample_folds, a.seed) if match.applied else None)
+    return {"overall": out.pop("overall"), "overall_unmatched": unmatched, "per_class": out}
 
 
 def _privacy_doc(check: PrivacyCheck, table: Any, shown: int) -> dict[str, Any]:
@@ -192,6 +220,7 @@ def dvc_metrics(quality: dict[str, Any], privacy: dict[str, Any], encoder: dict[
                 ) -> dict[str, Any]:
     """The key numbers for ``dvc metrics`` (no timings, no paths)."""
     overall = quality["overall"]
+    unmatched = quality.get("overall_unmatched")
     keep = ("fid", "precision", "recall", "density", "coverage", "two_sample_auc",
             "msssim_synthetic", "msssim_real")
     return {
@@ -206,11 +235,15 @@ def dvc_metrics(quality: dict[str, Any], privacy: dict[str, Any], encoder: dict[
         "quality": {**{k: overall[k] for k in keep},
                     "two_sample_auc_pixels": overall["two_sample_auc_pixels"],
                     "fid_reference": overall["reference"]["fid"],
-                    "two_sample_auc_reference": overall["reference"]["two_sample_auc"]},
+                    "two_sample_auc_reference": overall["reference"]["two_sample_auc"],
+                    "n_synthetic_used": overall["class_matched"]["n_used"]},
+        "overall_unmatched": ({k: unmatched[k] for k in ("fid", "two_sample_auc")}
+                              if unmatched else None),
         "per_class": {name: {"n_synthetic": entry["n_synthetic"],
                              **{k: entry[k] for k in keep}}
                       for name, entry in quality["per_class"].items()},
         "encoder": {f"heldout_{k}": v for k, v in encoder["heldout"].items()},
+        "tstr": tstr_metrics(quality["tstr"]) if "tstr" in quality else None,
     }
 
 
@@ -263,8 +296,16 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         feats = standardise({"train": embed(encoder, x.train[torch.from_numpy(ref_rows)]),
                              "heldout": embed(encoder, x.heldout),
                              "synthetic": embed(encoder, x.images)})
-        quality = _quality(a, x, feats, ref_rows, device)
+        match = class_matched(train_manifest.iloc[ref_rows], x.synthetic.manifest, a.seed)
+        quality = _quality(a, x, feats, ref_rows, match, device)
         timings["quality"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        is_val = held_manifest["split"].astype(str).to_numpy() == VAL_SPLIT
+        quality["tstr"] = run_tstr(x.images, x.synthetic.manifest, x.train, train_manifest,
+                                   x.heldout[torch.from_numpy(is_val)], held_manifest[is_val],
+                                   a.tstr, device)
+        timings["tstr"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         check = check_privacy(x.images, x.train, x.heldout, a.privacy.quantile, device)
@@ -282,6 +323,7 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
                        "digests": digests, "image_size": list(x.synthetic.size),
                        "real_train": int(x.train_mask.sum()),
                        "real_train_in_quality_metrics": len(ref_rows),
+                       "synthetic_in_overall_metrics": match.doc["n_used"],
                        "real_heldout": int(x.heldout_mask.sum()),
                        "synthetic_images": len(x.images)},
             "classes": CLASS_DEFINITIONS,
@@ -316,4 +358,7 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         recall=overall["recall"], coverage=overall["coverage"],
         two_sample_auc_features=overall["two_sample_auc"],
         two_sample_auc_pixels=overall["two_sample_auc_pixels"],
-        seconds=time.perf_counter() - started, mlflow_run_id=run.info.run_id)
+        seconds=time.perf_counter() - started, mlflow_run_id=run.info.run_id,
+        class_matched_n=match.doc["n_used"] if match.applied else None,
+        tstr=None if "note" in quality["tstr"] else metrics["tstr"],
+        tstr_meets_target=quality["tstr"]["meets_target"])
