@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
-ConditionName = Literal["perugini_grade", "metastasis", "amyloid", "sex", "site"]
+ConditionName = Literal["perugini_grade", "metastasis", "amyloid", "sex", "site", "superscan"]
 
 
 class PopulationConfig(_Strict):
@@ -425,6 +425,12 @@ class ClassifierConfig(_Strict):
     limited_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.1, description="real_limited: this stratified fraction of the internal training "
                          "split (drawn per seed, the same draw in every regime using it).")
+    synthetic_per_real: Annotated[float, Field(ge=0.0, le=1000.0)] | None = Field(
+        None, description="The dose of synthetic data: regimes adding synthetic images to "
+                          "real ones take round(ratio x n_real) of them (n_real: the regime's "
+                          "real images; the limited draw's size for 'synthetic'), drawn per "
+                          "seed with the released set's class mix; 0: none; null: the whole "
+                          "released set.")
     image_rows: Annotated[int, Field(ge=16, le=2048)] | None = Field(
         None, description="Input size; default the synthetic set's size (real images are "
                           "area-resized to it, so real and synthetic share one resolution).")

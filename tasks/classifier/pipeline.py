@@ -48,6 +48,7 @@ class ClassifierRunSummary:
             lines.append(f"  {m['task']:<12} {m['regime']:<24} seed {m['seed']:<3} "
                          f"train n={ts['images']:<5} pos={ts['positives']:<4} "
                          f"val AUC {auc}  threshold {m['threshold']:.3f}")
+            lines.extend(f"    note: {note}" for note in ts.get("notes", []))
         lines.append(f"  MLflow run: {self.mlflow_run_id}")
         return "\n".join(lines)
 
@@ -80,6 +81,7 @@ def _log_model_run(model: TrainedModel, folder: Path, training: TrainingSet) -> 
                           for s in ts["sources"]},
                        **{f"training_set.{s['source']}.positives": s["positives"]
                           for s in ts["sources"]},
+                       **_dose_params(ts.get("synthetic_dose")),
                        "threshold_rule": info["threshold_rule"],
                        "image_size": "x".join(str(v) for v in info["image_size"]),
                        "precision": info["precision"]})
@@ -99,6 +101,14 @@ def _log_model_run(model: TrainedModel, folder: Path, training: TrainingSet) -> 
     mlflow.log_dict({"summary": ts, "rows": [
         {"source": p.source, "index": [int(i) for i in p.indices]}
         for p in training.parts]}, "training_set.json")
+
+
+def _dose_params(dose: dict[str, Any] | None) -> dict[str, Any]:
+    """The synthetic dose as model-run params, so MLflow can filter runs by it."""
+    if dose is None:
+        return {}
+    keys = ("per_real", "requested", "used", "shortfall")
+    return {f"synthetic_dose.{k}": "null" if dose.get(k) is None else dose[k] for k in keys}
 
 
 def _dataset_source(root: Path) -> Any:
@@ -148,7 +158,7 @@ def run_train_classifier(cfg: Config, tasks: list[str] | None = None,
                     training = compose(task, regime, seed, inputs.real.root, inputs.real.manifest,
                                        inputs.synthetic.root if inputs.synthetic else None,
                                        inputs.synthetic.manifest if inputs.synthetic else None,
-                                       c.limited_fraction)
+                                       c.limited_fraction, c.synthetic_per_real)
                     with mlflow.start_run(run_name=f"{task}/{regime}/seed{seed}", nested=True,
                                           tags={"synthdx.stage": STAGE, "synthdx.task": task,
                                                 "synthdx.regime": regime,

@@ -6,7 +6,9 @@ A model folder ``<task>/<regime>/seed<k>/`` holds::
     model.json           task, regime, seed, threshold (chosen on the internal validation
                          split), validation AUC, training-set composition, lineage, MLflow run
     predictions.parquet  one row per validation, internal test and external case: study_uid,
-                         pseudo_id, site, split, sex, age, label, score
+                         pseudo_id, site, split, sex, age, label, the findings (perugini_grade,
+                         metastasis, superscan; NA where the archive does not record them),
+                         score
 
 The validation stage reads only model.json and predictions.parquet.
 """
@@ -89,7 +91,20 @@ def scored_cases(inputs: ClassifierInputs, task: str) -> pd.DataFrame:
         "sex": rows["sex"].astype("string").fillna("unknown").astype(str).to_numpy(),
         "age": pd.to_numeric(rows["age"], errors="coerce").to_numpy(dtype=np.float64),
         "label": labels,
+        **finding_columns(rows),
     })
+
+
+FINDING_COLUMNS = {"perugini_grade": "Int64", "metastasis": "boolean", "superscan": "boolean"}
+"""Findings copied per scored case, so a report can say how a model does on rare findings
+(Perugini 3, superscans) without joining back to the processed manifest."""
+
+
+def finding_columns(rows: pd.DataFrame) -> dict[str, Any]:
+    """The finding columns of ``rows`` as nullable arrays (all NA when a column is absent)."""
+    return {name: (pd.array(rows[name].to_numpy(), dtype=dtype) if name in rows.columns
+                   else pd.array([None] * len(rows), dtype=dtype))
+            for name, dtype in FINDING_COLUMNS.items()}
 
 
 def _pos_weight(cfg: ClassifierConfig, labels: np.ndarray) -> float | None:
