@@ -3,9 +3,10 @@
 MONAI's DiffusionModelUNet embeds ``class_labels`` with one ``nn.Embedding`` and adds the result
 to the time embedding (``emb = time_embed(t) + class_embedding(class_labels)``). One embedding
 table can only hold one factor, but a bone scan is described by several (cardiac uptake grade,
-metastases, optionally site and sex). ``ConditionEmbedding`` is a drop-in replacement for that
-module: it takes one index per factor and sums per-factor embeddings, which keeps MONAI's
-forward untouched while letting any combination of factors be requested at sampling time.
+metastases, optionally superscan, site and sex). ``ConditionEmbedding`` is a drop-in
+replacement for that module: it takes one index per factor and sums per-factor embeddings,
+which keeps MONAI's forward untouched while letting any combination of factors be requested
+at sampling time.
 
 Every factor has one extra "null" index (= its number of values) meaning "unconditioned". It is
 what condition dropout trains and what classifier-free guidance asks for as the unconditional
@@ -101,6 +102,10 @@ _FIXED_FACTORS: dict[str, Factor] = {
     "metastasis": Factor("metastasis", "bool", (False, True)),
     "amyloid": Factor("amyloid", "bool", (False, True)),
     "sex": Factor("sex", "str", ("F", "M"), allow_missing=True, null_values=("O",)),
+    # A superscan (diffuse skeletal metastases) is rare, so a profile enriches it through a
+    # synthesize group. Archives often leave the column empty when it was not assessed: a
+    # missing cell is "unconditioned", as for sex, rather than a reason to refuse the archive.
+    "superscan": Factor("superscan", "bool", (False, True), allow_missing=True),
 }
 
 
@@ -120,7 +125,7 @@ class ConditionSpec:
 
         Args:
             names: factor names, in order; any of ``perugini_grade``, ``metastasis``,
-                ``amyloid``, ``sex``, ``site``.
+                ``amyloid``, ``sex``, ``superscan``, ``site``.
             sites: site names, required when ``site`` is a factor; stored sorted so the mapping
                 does not depend on the order sites happen to appear in a manifest.
         """

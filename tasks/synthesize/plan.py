@@ -16,7 +16,7 @@ from models.conditioning import ConditionSpec, Factor
 from tasks.config import SampleGroup
 
 #: Label columns every synthetic manifest carries (None/NA when the model does not control it).
-LABEL_COLUMNS = ("perugini_grade", "amyloid", "metastasis", "sex", "site")
+LABEL_COLUMNS = ("perugini_grade", "amyloid", "metastasis", "superscan", "sex", "site")
 
 
 class PlanError(ValueError):
@@ -51,6 +51,11 @@ def _group_rows(group: SampleGroup, number: int, spec: ConditionSpec, train: pd.
         except ValueError as exc:
             raise PlanError(f"synthesize group {group.name!r}: {exc}") from None
         named[name] = factors[name].coerce(value)
+    if named.get("superscan") is True and named.get("metastasis") is False:
+        # A superscan is diffuse skeletal metastasis: the classifiers would learn a
+        # contradictory label from it.
+        raise PlanError(f"synthesize group {group.name!r}: superscan: true with metastasis: "
+                        "false is a contradiction (a superscan is a metastatic pattern)")
     free = [n for n in spec.names if n not in named]
     values = pd.DataFrame(index=range(group.count))
     if free:
@@ -120,6 +125,7 @@ def typed_labels(plan: pd.DataFrame) -> pd.DataFrame:
     out["perugini_grade"] = pd.array(out["perugini_grade"], dtype="Int64")
     out["amyloid"] = pd.array(out["amyloid"], dtype="boolean")
     out["metastasis"] = pd.array(out["metastasis"], dtype="boolean")
+    out["superscan"] = pd.array(out["superscan"], dtype="boolean")
     out["sex"] = out["sex"].astype("string")
     out["site"] = out["site"].astype("string")
     return out
