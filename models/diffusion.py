@@ -22,7 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler

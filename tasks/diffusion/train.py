@@ -1,9 +1,9 @@
 """Train the class-conditional diffusion model on the processed dataset's training split.
 
 Lightning does the loop: precision (bf16-mixed on a GPU or a CPU with native bf16, else
-fp32), DDP across devices and nodes, gradient clipping, EMA of the weights
-(``EMAWeightAveraging``), periodic checkpoints with ``last.ckpt``, and resume from it with the
-same optimiser, EMA and step.
+fp32), DDP across devices and nodes, gradient clipping, EMA of the weights (``WarmupEMA``:
+Lightning's EMAWeightAveraging with a warm-up), periodic checkpoints with ``last.ckpt``, and
+resume from it with the same optimiser, EMA and step.
 Checkpoints live in ``diffusion.work_dir`` so a killed run keeps them; the final EMA model is
 written atomically into ``diffusion.output`` by rank 0 only. A tracking server that is down
 at the start stops the stage before anything is written; one that goes away during training
@@ -21,9 +21,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 
-from models.callbacks import DataLedger, DeviceMemory, SampleGrid
+from models.callbacks import DataLedger, DeviceMemory, SampleGrid, WarmupEMA
 from models.conditioning import ConditionSpec
 from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
@@ -124,7 +124,7 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
         accelerator=d.accelerator, devices=d.devices, num_nodes=d.num_nodes,
         strategy=d.strategy, precision=resolve_precision(d), max_steps=d.max_steps,
         gradient_clip_val=d.gradient_clip_val or None, logger=logger,
-        callbacks=[checkpoint, EMAWeightAveraging(decay=d.ema_decay),
+        callbacks=[checkpoint, WarmupEMA(decay=d.ema_decay),
                    DataLedger(Path(d.work_dir) / "ledger"),
                    SampleGrid(Path(d.work_dir) / "samples", d.sample_every_n_epochs,
                               seed=d.seed),
