@@ -1,13 +1,15 @@
-"""Throughput of the demo diffusion UNet on the CPU: fp32 vs bf16 autocast, by batch size.
+"""Throughput of the diffusion UNet on the CPU: fp32 vs bf16 autocast, by batch size.
 
 Why: ``precision: auto`` picks bf16-mixed on CPUs with native bf16 (tasks/common/precision.py)
 and ``synthesize.batch_size`` is chosen where sampling is fastest; both rest on these numbers.
-The network is built from params.yaml's ``diffusion.network`` at the demo image size, with
-random inputs (no data needed). Forward passes are timed in inference mode (sampling: with
+The network is built from params.yaml's ``diffusion.network`` (with ``--set`` overrides, e.g.
+``--set profile=study`` for the study profile's patch-2 network) at the configured image size,
+with random inputs (no data needed). Forward passes are timed in inference mode (sampling: with
 guidance, a sampling batch of B is 2B network inputs); training steps with AdamW.
 
     python benchmarks/bench_unet_cpu.py                  # 2 threads, batches 8..64
     python benchmarks/bench_unet_cpu.py --threads 1 --batches 16 32
+    python benchmarks/bench_unet_cpu.py --threads 1 --batches 16 24 --set profile=study
 """
 
 from __future__ import annotations
@@ -19,23 +21,27 @@ import time
 from pathlib import Path
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
 
+from models.conditioning import ConditionSpec
+from models.diffusion import build_unet
 from tasks.common.precision import cpu_has_native_bf16
 from tasks.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build(params: Path) -> tuple[DiffusionModelUNet, tuple[int, int]]:
-    """The demo UNet (class embeddings stand in for the project's condition embedding)."""
-    d = load_config(params).diffusion
+SPEC = ConditionSpec.from_dict({"factors": [
+    {"name": "perugini_grade", "kind": "int", "values": [0, 1, 2, 3]},
+    {"name": "metastasis", "kind": "bool", "values": [False, True]}]})
+"""The default condition factors (grade and metastasis), as the project's network embeds them."""
+
+
+def build(params: Path, overrides: list[str]) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """The project's conditional UNet (``models.diffusion.build_unet``) from the parameters."""
+    d = load_config(params, overrides).diffusion
     n = d.network
-    net = DiffusionModelUNet(
-        spatial_dims=2, in_channels=2, out_channels=2, channels=tuple(n.channels),
-        attention_levels=tuple(n.attention_levels), num_res_blocks=n.num_res_blocks,
-        num_head_channels=n.num_head_channels, norm_num_groups=n.norm_num_groups,
-        num_class_embeds=16)
+    net = build_unet(n.channels, n.attention_levels, n.num_res_blocks, n.num_head_channels,
+                     n.norm_num_groups, SPEC, patch_size=n.patch_size)
     return net, (d.image_rows, d.image_cols)
 
 
@@ -44,7 +50,7 @@ def images_per_second(net: torch.nn.Module, size: tuple[int, int], batch: int, b
     """Images per second over ``repeats`` timed calls, after two untimed ones (warm-up)."""
     x = torch.randn(batch, 2, *size)
     t = torch.randint(0, 1000, (batch,))
-    c = torch.randint(0, 16, (batch,))
+    c = torch.stack([torch.randint(0, k + 1, (batch,)) for k in SPEC.cardinalities], dim=1)
     cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if train:
         net.train()
@@ -76,12 +82,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 12, 16, 24, 32, 64])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="parameter override, e.g. profile=study")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    net, size = build(args.params)
+    net, size = build(args.params, args.overrides)
+    parameters = sum(p.numel() for p in net.parameters()) / 1e6
     print(f"# bench_unet_cpu {time.strftime('%Y-%m-%d')} on {platform.node()} "
           f"({args.threads} threads, native bf16: {cpu_has_native_bf16()}), "
-          f"image 2 x {size[0]} x {size[1]}, torch {torch.__version__}")
+          f"image 2 x {size[0]} x {size[1]}, {parameters:.2f} M parameters, "
+          f"overrides {args.overrides or 'none'}, torch {torch.__version__}")
     print("| batch | fp32 forward | bf16 forward | fp32 train | bf16 train |")
     print("|---|---|---|---|---|")
     for batch in args.batches:

@@ -1,0 +1,234 @@
+r"""Quality of the diffusion generator against CPU training minutes (issue 15).
+
+Two sub-commands, so training (long, in the background) and evaluation (short, repeatable with
+other samplers) can be run separately:
+
+``train``: trains the project's ``DiffusionModule`` (``tasks.diffusion.train.build_module``,
+the same Lightning set-up as the stage: EMA, bf16 where the CPU has it, gradient clipping) on a
+processed dataset and saves the EMA weights at given steps as ``snap-<step>.pt`` together with
+the wall-clock seconds of training so far, so one run gives several points of the curve (use
+``--set diffusion.min_lr_ratio=1.0``: with a constant learning rate a snapshot is also the end of
+a shorter run).
+
+``eval``: for each snapshot, samples a class-matched synthetic set (conditions drawn from the
+real training split's label mix) with the given sampler and scores it with the audit's own
+metrics (``tasks.audit``: in-domain encoder, FID, precision / recall / coverage, feature
+two-sample AUC, each beside the real held-out reference), plus a montage PNG. The encoder is
+trained once per processed dataset and cached, so every snapshot and sampler is judged by the
+same features.
+
+Usage::
+
+    python benchmarks/probe_generator.py train --params params.yaml --out runs/a \\
+        --snapshots 500,1000,2000 --set diffusion.max_steps=2000 ...
+    python benchmarks/probe_generator.py eval --params params.yaml --run runs/a \\
+        --images 300 --steps 50 --guidance 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+
+from models.callbacks import WarmupEMA
+from models.conditioning import ConditionSpec
+from models.data import DiffusionDataModule, read_manifest
+from models.diffusion import DiffusionModule
+from models.sampling import sample
+from tasks.audit.data import open_processed
+from tasks.audit.encoder import embed, train_encoder
+from tasks.audit.quality import feature_metrics
+from tasks.common.precision import auto_precision
+from tasks.config import Config, load_config
+from tasks.diffusion.train import build_module
+
+
+class Snapshots(L.Callback):
+    """Save the EMA weights and the training seconds at the given global steps."""
+
+    def __init__(self, out: Path, steps: set[int], ema: WarmupEMA,
+                 offset: tuple[int, float] = (0, 0.0)) -> None:
+        self.out, self.steps, self.ema = out, steps, ema
+        self.offset_step, self.offset_seconds = offset
+        self.started = 0.0
+        self.records: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the clock."""
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Print progress; save a snapshot at the chosen steps."""
+        step = trainer.global_step + self.offset_step
+        if step % 50 == 0:
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            print(f"step {step} loss {loss:.4f} t {time.perf_counter() - self.started:.0f}s",
+                  flush=True)
+        if step not in self.steps:
+            return
+        seconds = time.perf_counter() - self.started + self.offset_seconds
+        avg = self.ema._average_model  # noqa: SLF001 - the EMA copy Lightning keeps
+        state = {k[7:]: v.detach().cpu().clone() for k, v in avg.state_dict().items()
+                 if k.startswith("module.")}
+        torch.save({"hparams": dict(pl_module.hparams), "state_dict": state, "step": step,
+                    "seconds": seconds, "continued_from_step": self.offset_step or None},
+                   self.out / f"snap-{step}.pt")
+        self.records.append({"step": step, "seconds": seconds})
+        with (self.out / "snapshots.jsonl").open("a") as fh:
+            fh.write(json.dumps(self.records[-1]) + "\n")
+        print(f"snapshot {step} at {seconds:.0f} s", flush=True)
+
+
+def train(cfg: Config, out: Path, snapshots: set[int], init: Path | None = None) -> None:
+    """Train as the stage does and save EMA snapshots (see module docstring).
+
+    ``init``: continue from a snapshot's EMA weights (fresh optimiser, re-warmed); its step and
+    seconds are added to the new ones, and the snapshot files say so.
+    """
+    d = cfg.diffusion
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=1))
+    L.seed_everything(d.seed, workers=True)
+    processed = Path(cfg.ingest.output)
+    spec = ConditionSpec.from_manifest(read_manifest(processed), d.conditions)
+    data = DiffusionDataModule(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
+                               d.num_workers, d.augment)
+    module = build_module(d, spec)
+    offset = (0, 0.0)
+    if init is not None:
+        start = torch.load(init, weights_only=False)
+        module.load_state_dict(start["state_dict"])
+        offset = (int(start["step"]), float(start["seconds"]))
+    ema = WarmupEMA(decay=d.ema_decay)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=auto_precision(d.precision, "cpu"),
+                        max_steps=d.max_steps - offset[0],
+                        gradient_clip_val=d.gradient_clip_val or None,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ema, Snapshots(out, snapshots, ema, offset)],
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+
+
+def _encoder_features(cfg: Config, size: tuple[int, int], cache: Path
+                      ) -> tuple[Any, dict[str, np.ndarray], pd.DataFrame]:
+    real = open_processed(Path(cfg.ingest.output))
+    split = real.manifest["split"].astype(str).to_numpy()
+    train_mask, held_mask = split == "train", np.isin(split, ("val", "test"))
+    train_imgs, held_imgs = real.load(train_mask, size), real.load(held_mask, size)
+    tm = real.manifest[train_mask].reset_index(drop=True)
+    torch.manual_seed(0)
+    if cache.is_file():
+        encoder = torch.load(cache, weights_only=False)
+    else:
+        encoder, _ = train_encoder(train_imgs, tm["perugini_grade"].to_numpy(),
+                                   tm["metastasis"].to_numpy(dtype=bool), cfg.audit.encoder,
+                                   torch.device("cpu"))
+        torch.save(encoder, cache)
+    feats = {"train": embed(encoder, train_imgs), "heldout": embed(encoder, held_imgs)}
+    return encoder, feats, tm
+
+
+def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, eta: float,
+             only: list[int] | None) -> list[dict[str, Any]]:
+    """Sample and score every snapshot of ``run``; results appended to ``run/eval.jsonl``."""
+    from tasks.common.montage import write_montage
+
+    snaps = sorted(run.glob("snap-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    if only:
+        snaps = [s for s in snaps if int(s.stem.split("-")[1]) in only]
+    payload = torch.load(snaps[0], weights_only=False)
+    hp = payload["hparams"]
+    size = (cfg.diffusion.image_rows, cfg.diffusion.image_cols)
+    encoder, feats, tm = _encoder_features(cfg, size, run.parent / f"encoder-{size[0]}.pt")
+    mean, std = feats["train"].mean(0), feats["train"].std(0) + 1e-8
+    z = {k: (v - mean) / std for k, v in feats.items()}
+    spec = ConditionSpec.from_dict(hp["spec"])
+    rng = np.random.default_rng(7)
+    rows = tm.iloc[rng.integers(0, len(tm), images)]
+    cond = torch.as_tensor(spec.encode(rows), dtype=torch.long)
+    results = []
+    for snap in snaps:
+        payload = torch.load(snap, weights_only=False)
+        module = DiffusionModule(**payload["hparams"])
+        module.load_state_dict(payload["state_dict"])
+        module.eval()
+        started = time.perf_counter()
+        bf16 = auto_precision("auto", "cpu") == "bf16-mixed"
+        parts = []
+        for i in range(0, images, 12):
+            parts.append(sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
+                                list(range(i, min(i + 12, images))), (2, *size), "cpu",
+                                null_cond=spec.null_indices, eta=eta,
+                                autocast_dtype=torch.bfloat16 if bf16 else None,
+                                **module.noise_schedule))
+        syn = torch.cat(parts).float()
+        sample_s = time.perf_counter() - started
+        fs = (embed(encoder, syn) - mean) / std
+        m = feature_metrics(z["train"], fs, cfg.audit.nearest_k, 5, 1)
+        ref = feature_metrics(z["train"], z["heldout"][:images], cfg.audit.nearest_k, 5, 1)
+        tag = f"{snap.stem}-ddim{steps}-g{guidance}-eta{eta}"
+        shown = pd.DataFrame({"index": np.arange(images), "split": "synthetic",
+                              "perugini_grade": rows["perugini_grade"].to_numpy(),
+                              "metastasis": rows["metastasis"].to_numpy(),
+                              "amyloid": rows["perugini_grade"].to_numpy() > 0})
+        shown["group"] = [f"P{g}{' met' if m else ''}" for g, m in
+                          zip(shown["perugini_grade"], shown["metastasis"], strict=True)]
+        shown = shown.sort_values("group", kind="stable")
+        write_montage(syn.numpy(), shown, run / f"montage-{tag}.png", per_site=8, by="group",
+                      title=f"{tag}: synthetic, class-matched conditions")
+        result = {"snapshot": snap.name, "step": payload["step"],
+                  "train_seconds": payload["seconds"], "images": images, "ddim_steps": steps,
+                  "guidance": guidance, "eta": eta, "sample_seconds": sample_s,
+                  **{k: m[k] for k in ("fid", "precision", "recall", "coverage",
+                                       "two_sample_auc")},
+                  "reference": {k: ref[k] for k in ("fid", "precision", "recall",
+                                                    "two_sample_auc")}}
+        print(json.dumps(result), flush=True)
+        with (run / "eval.jsonl").open("a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        results.append(result)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    e = sub.add_parser("eval")
+    for p in (t, e):
+        p.add_argument("--params", type=Path, default=Path("params.yaml"))
+        p.add_argument("--set", dest="overrides", action="append", default=[])
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--snapshots", default="500,1000,2000")
+    t.add_argument("--init", type=Path, default=None)
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--images", type=int, default=300)
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--guidance", type=float, default=1.5)
+    e.add_argument("--eta", type=float, default=0.0)
+    e.add_argument("--only", default="")
+    args = parser.parse_args()
+    if args.command == "train":
+        cfg = load_config(args.params, args.overrides)
+        train(cfg, args.out, {int(s) for s in args.snapshots.split(",")}, args.init)
+    else:
+        saved = json.loads((args.run / "config.json").read_text())
+        overrides = [f"diffusion.image_rows={saved['diffusion']['image_rows']}",
+                     f"diffusion.image_cols={saved['diffusion']['image_cols']}", *args.overrides]
+        cfg = load_config(args.params, overrides)
+        only = [int(s) for s in args.only.split(",") if s]
+        evaluate(cfg, args.run, args.images, args.steps, args.guidance, args.eta, only)
+
+
+if __name__ == "__main__":
+    main()
