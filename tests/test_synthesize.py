@@ -180,3 +180,37 @@ def test_two_process_generation_on_cpu_matches_one_process(trained: Path, tmp_pa
                                np.load(tmp_path / "one" / "images.npy").astype(np.float32),
                                atol=2e-3)
     assert not any((tmp_path / "w2").iterdir())  # shards removed after the merge
+
+
+def test_a_killed_generation_resumes_from_its_saved_parts(trained: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of 1 batch (3 images): a run killed in its second part keeps the first, and the
+    rerun generates only the rest and gives the same images as an uninterrupted run."""
+    import tasks.synthesize.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PART_BATCHES", 1)
+    base = [*_sets(trained), f"synthesize.work_dir={tmp_path / 'work'}"]
+    whole = pipeline.synthesize(load_config(PARAMS, [*base, f"synthesize.output={tmp_path / 'a'}"]))
+    assert whole is not None and whole.reused_shards == 0
+
+    real_generate, calls = pipeline.generate_rows, []
+
+    def dies_in_part_two(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_generate(*args, **kwargs)
+
+    resumed_cfg = load_config(PARAMS, [*base, f"synthesize.output={tmp_path / 'b'}"])
+    monkeypatch.setattr(pipeline, "generate_rows", dies_in_part_two)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.synthesize(resumed_cfg)
+    assert not (tmp_path / "b").exists()
+    saved = list((tmp_path / "work").rglob("rank-0-part-*.npz"))
+    assert len(saved) == 1
+
+    monkeypatch.setattr(pipeline, "generate_rows", real_generate)
+    resumed = pipeline.synthesize(resumed_cfg)
+    assert resumed is not None and resumed.reused_shards == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "images.npy"),
+                                  np.load(tmp_path / "b" / "images.npy"))

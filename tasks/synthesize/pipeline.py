@@ -3,8 +3,10 @@
 Distributed generation: Lightning Fabric launches one process per device (and node); rank
 ``r`` of ``W`` generates plan rows ``r, r + W, ...`` and writes them as a shard; rank 0 waits
 for every shard, checks that together they cover the plan exactly once, and writes the
-dataset. Shards sit in ``work_dir/<run key>/`` and are reused when a killed run is repeated
-with the same model, plan and settings, so a long generation never starts over.
+dataset. Each rank writes its share in parts of ``PART_BATCHES`` batches
+(``work_dir/<run key>/rank-<r>-part-<k>.npz``, atomically); a killed run repeated with the
+same model, plan and settings reuses every finished part, so a long generation (the study
+profile's ~2,000 images) loses at most one part.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from tasks.synthesize.plan import build_plan, typed_labels
 from tasks.synthesize.sampling_run import generate_rows
 
 REPORT_NAME = "synthesis.json"
+PART_BATCHES = 10
+"""Batches per saved part of a rank's share: the most work a killed run can lose."""
 DICOM_DIR = "dicom"
 SPLIT = "synthetic"
 
@@ -96,12 +100,13 @@ def _merge(shard_dir: Path, world: int, plan: pd.DataFrame, size: tuple[int, int
     images = np.zeros((len(plan), 2, *size), dtype=np.float16)
     seen = np.zeros(len(plan), dtype=np.int64)
     for rank in range(world):
-        path = shard_dir / f"rank-{rank}.npz"
-        if not path.is_file():
-            raise RuntimeError(f"{path}: rank {rank} wrote no shard; generation incomplete")
-        with np.load(path) as shard:
-            images[shard["indices"]] = shard["images"]
-            np.add.at(seen, shard["indices"], 1)
+        parts = sorted(shard_dir.glob(f"rank-{rank}-part-*.npz"))
+        if not parts:
+            raise RuntimeError(f"{shard_dir}: rank {rank} wrote no shard; generation incomplete")
+        for path in parts:
+            with np.load(path) as shard:
+                images[shard["indices"]] = shard["images"]
+                np.add.at(seen, shard["indices"], 1)
     if not (seen == 1).all():
         raise RuntimeError(f"shards in {shard_dir} cover {int((seen > 0).sum())} of "
                            f"{len(plan)} rows ({int((seen > 1).sum())} twice)")
@@ -148,20 +153,8 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
     rank, world = fabric.global_rank, fabric.world_size
     key = _run_key(ref, plan, s, world)
     shard_dir = Path(s.work_dir) / key
-    shard = shard_dir / f"rank-{rank}.npz"
-    reused = 0
-    if shard.is_file():
-        reused = 1
-    else:
-        mine = plan.iloc[rank::world]
-        module.to(fabric.device)
-        bf16 = resolve_precision(s) == "bf16-mixed"
-        with progress(f"synthesize rank {rank}", len(mine), "images") as advance:
-            images = generate_rows(module, mine, size, s, fabric.device,
-                                   autocast_dtype=torch.bfloat16 if bf16 else None,
-                                   progress=_counter(advance))
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        _save_shard(shard, mine["index"].to_numpy(), images)
+    reused = _generate_parts(module, plan.iloc[rank::world], size, s, fabric.device,
+                             shard_dir, rank)
     reused = int(fabric.all_reduce(torch.tensor(reused, device=fabric.device),
                                    reduce_op="sum").item()) if world > 1 else reused
     fabric.barrier()
@@ -193,6 +186,37 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
         images_per_second=len(table) / max(seconds, 1e-9), world_size=world,
         model_version=ref.version, reused_shards=reused, dicom_files=dicom_files,
         extra={"report": report})
+
+
+def _generate_parts(module: Any, mine: pd.DataFrame, size: tuple[int, int],
+                    s: SynthesizeConfig, device: torch.device, shard_dir: Path, rank: int
+                    ) -> int:
+    """Generate this rank's rows part by part, skipping parts a killed run already saved.
+
+    Returns:
+        The number of parts reused.
+    """
+    part_rows = PART_BATCHES * s.batch_size
+    starts = range(0, len(mine), part_rows)
+    paths = [shard_dir / f"rank-{rank}-part-{k:05d}.npz" for k in range(len(starts))]
+    reused = sum(p.is_file() for p in paths)
+    todo = sum(min(part_rows, len(mine) - a) for a, p in zip(starts, paths, strict=True)
+               if not p.is_file())
+    if not todo:
+        return reused
+    module.to(device)
+    bf16 = resolve_precision(s) == "bf16-mixed"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with progress(f"synthesize rank {rank}", todo, "images") as advance:
+        for start, path in zip(starts, paths, strict=True):
+            if path.is_file():
+                continue
+            part = mine.iloc[start:start + part_rows]
+            images = generate_rows(module, part, size, s, device,
+                                   autocast_dtype=torch.bfloat16 if bf16 else None,
+                                   progress=_counter(advance))
+            _save_shard(path, part["index"].to_numpy(), images)
+    return reused
 
 
 def _counter(advance: Callable[[int], None]) -> Callable[[int, int], None]:
