@@ -9,6 +9,7 @@ in <= 10 min pipeline time on 2 cores, peak <= 4 GiB.
 
     python benchmarks/bench_pipeline.py                      # demo profile, ~10 min on 2 cores
     python benchmarks/bench_pipeline.py --profile tiny       # smoke run, ~4 min
+    python benchmarks/bench_pipeline.py --profile study      # the study (issue 15), <= 90 min
     python benchmarks/bench_pipeline.py --keep DIR           # keep the project folder
 """
 
@@ -81,6 +82,22 @@ class TreeSampler(threading.Thread):
             time.sleep(0.2)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 support: timings differ between CPU kinds."""
+    name = platform.processor() or "unknown CPU"
+    flags = ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line
+                break
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+    return f"{name}, bf16: {'/'.join(bf16) or 'none'}"
+
+
 def bench(profile: str | None, keep: Path | None) -> int:
     base = keep or Path(tempfile.mkdtemp(prefix="synthdx-bench-"))
     root = base / "proj" if keep is None else keep
@@ -114,7 +131,8 @@ def bench(profile: str | None, keep: Path | None) -> int:
         return rc
     gib = 1024 ** 3
     print(f"# bench_pipeline {dt.date.today()} on {platform.node()} "
-          f"({os.cpu_count()} cores, {psutil.virtual_memory().total / gib:.0f} GiB), "
+          f"({cpu_model()}, {os.cpu_count()} cores, "
+          f"{psutil.virtual_memory().total / gib:.0f} GiB), "
           f"profile {profile or 'params.yaml'}: {' '.join(cmd[1:])}")
     print("Stage wall time is the stage process's own (start-up included); stages of the "
           "classifier matrix run side by side, so they add up to more than the total.")

@@ -139,7 +139,7 @@ def _encoder_features(cfg: Config, size: tuple[int, int], cache: Path
 
 
 def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, eta: float,
-             only: list[int] | None) -> list[dict[str, Any]]:
+             only: list[int] | None, precision: str = "auto") -> list[dict[str, Any]]:
     """Sample and score every snapshot of ``run``; results appended to ``run/eval.jsonl``."""
     from tasks.common.montage import write_montage
 
@@ -163,7 +163,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
         module.load_state_dict(payload["state_dict"])
         module.eval()
         started = time.perf_counter()
-        bf16 = auto_precision("auto", "cpu") == "bf16-mixed"
+        bf16 = auto_precision(precision, "cpu") == "bf16-mixed"
         parts = []
         for i in range(0, images, 12):
             parts.append(sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
@@ -176,7 +176,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
         fs = (embed(encoder, syn) - mean) / std
         m = feature_metrics(z["train"], fs, cfg.audit.nearest_k, 5, 1)
         ref = feature_metrics(z["train"], z["heldout"][:images], cfg.audit.nearest_k, 5, 1)
-        tag = f"{snap.stem}-ddim{steps}-g{guidance}-eta{eta}"
+        tag = f"{snap.stem}-ddim{steps}-g{guidance}-eta{eta}" + ("" if bf16 else "-fp32")
         shown = pd.DataFrame({"index": np.arange(images), "split": "synthetic",
                               "perugini_grade": rows["perugini_grade"].to_numpy(),
                               "metastasis": rows["metastasis"].to_numpy(),
@@ -188,7 +188,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
                       title=f"{tag}: synthetic, class-matched conditions")
         result = {"snapshot": snap.name, "step": payload["step"],
                   "train_seconds": payload["seconds"], "images": images, "ddim_steps": steps,
-                  "guidance": guidance, "eta": eta, "sample_seconds": sample_s,
+                  "guidance": guidance, "eta": eta, "bf16": bf16, "sample_seconds": sample_s,
                   **{k: m[k] for k in ("fid", "precision", "recall", "coverage",
                                        "two_sample_auc")},
                   "reference": {k: ref[k] for k in ("fid", "precision", "recall",
@@ -217,6 +217,7 @@ def main() -> None:
     e.add_argument("--guidance", type=float, default=1.5)
     e.add_argument("--eta", type=float, default=0.0)
     e.add_argument("--only", default="")
+    e.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"])
     args = parser.parse_args()
     if args.command == "train":
         cfg = load_config(args.params, args.overrides)
@@ -227,7 +228,8 @@ def main() -> None:
                      f"diffusion.image_cols={saved['diffusion']['image_cols']}", *args.overrides]
         cfg = load_config(args.params, overrides)
         only = [int(s) for s in args.only.split(",") if s]
-        evaluate(cfg, args.run, args.images, args.steps, args.guidance, args.eta, only)
+        evaluate(cfg, args.run, args.images, args.steps, args.guidance, args.eta, only,
+                 args.precision)
 
 
 if __name__ == "__main__":
