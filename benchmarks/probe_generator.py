@@ -170,6 +170,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
                                 list(range(i, min(i + 12, images))), (2, *size), "cpu",
                                 null_cond=spec.null_indices, eta=eta,
                                 autocast_dtype=torch.bfloat16 if bf16 else None,
+                                intensity=module.intensity,
                                 **module.noise_schedule))
         syn = torch.cat(parts).float()
         sample_s = time.perf_counter() - started

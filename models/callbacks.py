@@ -94,6 +94,7 @@ class SampleGrid(L.Callback):
             images = sample(pl_module.unet, "ddim", self.steps, cond.to(pl_module.device),
                             self.guidance_scale, [self.seed + i for i in range(len(labels))],
                             (2, *size), pl_module.device, null_cond=pl_module.spec.null_indices,
+                            intensity=pl_module.intensity,
                             **pl_module.noise_schedule).float().cpu().numpy()
         pl_module.train(was_training)
         fig, axes = plt.subplots(1, len(labels), figsize=(1.2 * len(labels), 3.2), squeeze=False)

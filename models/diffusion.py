@@ -34,14 +34,38 @@ from models.conditioning import ConditionEmbedding, ConditionSpec
 IMAGE_CHANNELS = 2
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """Map stored intensities [0, 1] to the diffusion range [-1, 1]."""
+INTENSITY_TRANSFORMS = ("linear", "sqrt")
+"""How stored intensities map to the diffusion range (``DiffusionModule.intensity_transform``)."""
+
+
+def to_model_range(images: torch.Tensor, intensity: str = "linear") -> torch.Tensor:
+    """Map stored intensities [0, 1] to the diffusion range [-1, 1].
+
+    ``sqrt`` first takes the square root: the variance-stabilising transform of Poisson
+    counts (Anscombe), so count noise is about equally strong everywhere, as the Gaussian
+    diffusion model assumes; and it spreads out the low end where a bone scan lives (the
+    median processed pixel is below 0.001, the skeleton 0.05-0.4), so the near-empty
+    background is no longer a sliver next to -1 that any sampling residue lights up.
+    """
+    if intensity == "sqrt":
+        images = images.clamp(min=0.0).sqrt()
+    elif intensity != "linear":
+        raise ValueError(f"intensity must be one of {INTENSITY_TRANSFORMS}, got {intensity!r}")
     return images * 2.0 - 1.0
 
 
-def to_image_range(samples: torch.Tensor) -> torch.Tensor:
-    """Map diffusion-range samples back to [0, 1], clamping the overshoot sampling leaves."""
-    return ((samples + 1.0) / 2.0).clamp(0.0, 1.0)
+def to_image_range(samples: torch.Tensor, intensity: str = "linear") -> torch.Tensor:
+    """Map diffusion-range samples back to [0, 1] (the inverse of ``to_model_range``).
+
+    The overshoot sampling leaves is clamped first; with ``sqrt`` the square then turns a
+    residue of 0.05 in the dark background into 0.0025.
+    """
+    images = ((samples + 1.0) / 2.0).clamp(0.0, 1.0)
+    if intensity == "sqrt":
+        return images * images
+    if intensity != "linear":
+        raise ValueError(f"intensity must be one of {INTENSITY_TRANSFORMS}, got {intensity!r}")
+    return images
 
 
 class PatchedUNet(nn.Module):
@@ -199,6 +223,8 @@ class DiffusionModule(L.LightningModule):
             prediction type, so that the many nearly noise-free timesteps, which teach little,
             do not dominate the gradient; it converges several times faster).
         min_snr_gamma: the ``gamma`` of ``min_snr``.
+        intensity_transform: ``linear`` or ``sqrt`` (see ``to_model_range``); sampling applies
+            the inverse (``models.sampling.sample(intensity=...)``).
         compile: ``torch.compile`` the UNet when fitting starts (after the EMA callback has
             copied the module, so the average model stays a plain module). The first steps
             then pay the compilation; later ones fuse GroupNorm/SiLU/residual arithmetic.
@@ -242,6 +268,7 @@ class DiffusionModule(L.LightningModule):
         patch_size: int = 1,
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        intensity_transform: str = "linear",
         *,
         compile: bool = False,  # noqa: A002 - the name the configuration uses
         channels_last: bool = False,
@@ -260,6 +287,9 @@ class DiffusionModule(L.LightningModule):
             "compile": compile, "channels_last": channels_last,
             "flash_attention": flash_attention, "fused_adamw": fused_adamw, "tf32": tf32,
             "cudnn_benchmark": cudnn_benchmark}
+        if intensity_transform not in INTENSITY_TRANSFORMS:
+            raise ValueError(f"intensity_transform must be one of {INTENSITY_TRANSFORMS}, "
+                             f"got {intensity_transform!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                              f"got {loss_weighting!r}")
@@ -284,6 +314,11 @@ class DiffusionModule(L.LightningModule):
                 "schedule": str(hp["schedule"]), "beta_start": float(hp["beta_start"]),
                 "beta_end": float(hp["beta_end"]),
                 "prediction_type": str(hp.get("prediction_type", "epsilon"))}
+
+    @property
+    def intensity(self) -> str:
+        """The intensity transform the model was trained in (``linear`` for older models)."""
+        return str(self.hparams.get("intensity_transform", "linear"))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Predicted noise for noisy images ``x`` at ``timesteps`` under condition ``cond``."""
@@ -326,7 +361,7 @@ class DiffusionModule(L.LightningModule):
         ``sqrt(abar)`` ~ 0.02) to be usable, so short runs sample grey noise; a velocity
         model predicts x0 directly at that end.
         """
-        x0 = to_model_range(images)
+        x0 = to_model_range(images, self.intensity)
         b = x0.shape[0]
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         t = torch.randint(0, self.noise_scheduler.num_train_timesteps, (b,), device=x0.device,

@@ -78,6 +78,7 @@ def sample(
     eta: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     prediction_type: str = "epsilon",
+    intensity: str = "linear",
 ) -> torch.Tensor:
     """Generate one image per (condition row, seed) with classifier-free guidance.
 
@@ -114,6 +115,8 @@ def sample(
             precision. ``None`` (default) runs in the network's own dtype, exactly as before.
         prediction_type: what the network predicts (``epsilon`` or ``v_prediction``); the
             guidance combination is linear, so it applies to either.
+        intensity: the model's intensity transform (``DiffusionModule.intensity``); its
+            inverse maps the final sample to [0, 1].
 
     Returns:
         (B, *shape) float tensor in [0, 1] on ``device``.
@@ -162,7 +165,7 @@ def sample(
                 x = _step(scheduler, eps, step_t, x, gens if stochastic else None, eta)
     finally:
         model_unet.train(was_training)
-    return to_image_range(x)
+    return to_image_range(x, intensity)
 
 
 def _step(

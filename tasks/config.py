@@ -232,6 +232,9 @@ class DiffusionConfig(_Strict):
     loss_weighting: Literal["uniform", "min_snr"] = Field(
         "uniform", description="min_snr: Min-SNR-gamma timestep weighting (faster convergence).")
     min_snr_gamma: PositiveFloat = 5.0
+    intensity_transform: Literal["linear", "sqrt"] = Field(
+        "linear", description="sqrt: the model works on the square root of the intensities "
+                              "(Poisson variance stabilisation; a dark, clean background).")
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     max_steps: Annotated[int, Field(ge=1)] = 400
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999

@@ -66,6 +66,7 @@ class DiffusionSampler(PythonModel):
                             cond[i:i + step], float(settings["guidance_scale"]),
                             seeds[i:i + step], (2, *self.size), self.device,
                             null_cond=spec.null_indices, eta=float(settings["eta"]),
+                            intensity=self.module.intensity,
                             **self.module.noise_schedule)
             out.append(images.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 2, *self.size), np.float32)

@@ -78,6 +78,7 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         schedule=cfg.schedule, prediction_type=cfg.prediction_type,
         patch_size=net.patch_size, loss_weighting=cfg.loss_weighting,
         min_snr_gamma=cfg.min_snr_gamma, min_lr_ratio=cfg.min_lr_ratio,
+        intensity_transform=cfg.intensity_transform,
         cond_dropout=cfg.cond_dropout, lr=cfg.lr,
         warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed,
         **cfg.speed.model_dump())

@@ -46,7 +46,8 @@ def generate_rows(module: DiffusionModule, rows: pd.DataFrame, size: tuple[int, 
                         torch.from_numpy(conds[start:stop]), cfg.guidance_scale,
                         seeds[start:stop].tolist(), (2, *size), device,
                         null_cond=module.spec.null_indices, eta=cfg.eta,
-                        autocast_dtype=autocast_dtype, **module.noise_schedule)
+                        autocast_dtype=autocast_dtype, intensity=module.intensity,
+                        **module.noise_schedule)
         out[start:stop] = images.float().cpu().numpy().astype(np.float16)
         if progress is not None:
             progress(stop, len(rows))
