@@ -124,7 +124,8 @@ def test_synthesize_writes_dataset_and_dicom_that_regenerate(trained: Path,
     cond = torch.tensor([module.spec.encode_row(row.to_dict())])
     again = sample(module.unet, "ddim", int(row["steps"]), cond, float(row["guidance_scale"]),
                    [int(row["seed"])], (2, ROWS, COLS), "cpu",
-                   null_cond=module.spec.null_indices, **module.noise_schedule)
+                   null_cond=module.spec.null_indices, intensity=module.intensity,
+                   **module.noise_schedule)
     np.testing.assert_allclose(again[0].numpy(), images[6].astype(np.float32), atol=1e-3)
 
     # DICOM: one file per image, marked synthetic, no identity, pixels as in the array.

@@ -59,7 +59,8 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
     last = tmp_path / "work" / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 6 and state["optimizer_states"]
-    assert any("WeightAveraging" in k for k in state["callbacks"])  # EMA state is saved
+    assert any("WarmupEMA" in k for k in state["callbacks"])  # EMA state is saved
+    assert int(state["averaging_state"]["n_averaged"]) > 0  # the warm-up resumes where it was
 
     second = train_diffusion(_cfg(tmp_path, 10), processed=data)
     assert second.resumed_from == last
@@ -81,7 +82,8 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
 
     module = load_model(tmp_path / "model")
     images = sample(module.unet, "ddim", 5, torch.tensor([[2, 1]]), 2.0, [7], (2, ROWS, COLS),
-                    "cpu", null_cond=module.spec.null_indices, **module.noise_schedule)
+                    "cpu", null_cond=module.spec.null_indices, intensity=module.intensity,
+                    **module.noise_schedule)
     assert images.shape == (1, 2, ROWS, COLS)
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
