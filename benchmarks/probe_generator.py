@@ -178,6 +178,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
         m = feature_metrics(z["train"], fs, cfg.audit.nearest_k, 5, 1)
         ref = feature_metrics(z["train"], z["heldout"][:images], cfg.audit.nearest_k, 5, 1)
         tag = f"{snap.stem}-ddim{steps}-g{guidance}-eta{eta}" + ("" if bf16 else "-fp32")
+        np.save(run / f"samples-{tag}.npy", syn.numpy().astype(np.float16))
         shown = pd.DataFrame({"index": np.arange(images), "split": "synthetic",
                               "perugini_grade": rows["perugini_grade"].to_numpy(),
                               "metastasis": rows["metastasis"].to_numpy(),
