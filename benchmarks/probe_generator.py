@@ -10,6 +10,9 @@ the wall-clock seconds of training so far, so one run gives several points of th
 ``--set diffusion.min_lr_ratio=1.0``: with a constant learning rate a snapshot is also the end of
 a shorter run).
 
+``fidelity``: amyloidosis train-on-synthetic / test-on-real of one snapshot (60 Perugini 0,
+30 Perugini 2, 30 Perugini 3 images; the audit's TSTR classifier).
+
 ``eval``: for each snapshot, samples a class-matched synthetic set (conditions drawn from the
 real training split's label mix) with the given sampler and scores it with the audit's own
 metrics (``tasks.audit``: in-domain encoder, FID, precision / recall / coverage, feature
@@ -202,12 +205,55 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
     return results
 
 
+def fidelity(cfg: Config, snap: Path, guidance: float, steps: int) -> dict[str, Any]:
+    """Amyloidosis TSTR / TRTR of one snapshot (the audit's ``tstr_task``).
+
+    Samples 60 Perugini-0, 30 Perugini-2 and 30 Perugini-3 images (no metastasis), trains the
+    audit's TSTR classifier on them and the same classifier on as many real training images
+    with the same positive share, both scored on the real validation split.
+    """
+    from tasks.audit.tstr import tstr_task
+
+    payload = torch.load(snap, weights_only=False)
+    module = DiffusionModule(**payload["hparams"])
+    module.load_state_dict(payload["state_dict"])
+    module.eval()
+    size = (cfg.diffusion.image_rows, cfg.diffusion.image_cols)
+    grades = np.array([0] * 60 + [2] * 30 + [3] * 30)
+    cond = torch.as_tensor(module.spec.encode(pd.DataFrame({"perugini_grade": grades,
+                                                            "metastasis": False})))
+    bf16 = auto_precision("auto", "cpu") == "bf16-mixed"
+    syn = torch.cat([sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
+                            list(range(i, min(i + 12, len(grades)))), (2, *size), "cpu",
+                            null_cond=module.spec.null_indices,
+                            autocast_dtype=torch.bfloat16 if bf16 else None,
+                            intensity=module.intensity, **module.noise_schedule)
+                     for i in range(0, len(grades), 12)]).float()
+    real = open_processed(Path(cfg.ingest.output))
+    split = real.manifest["split"].astype(str).to_numpy()
+    positive = {name: (real.manifest.loc[split == name, "perugini_grade"].to_numpy() >= 2)
+                .astype(int) for name in ("train", "val")}
+    entry = tstr_task(syn, (grades >= 2).astype(int), real.load(split == "train", size),
+                      positive["train"], real.load(split == "val", size), positive["val"],
+                      cfg.audit.tstr.model_copy(update={"steps": 500}), 17, torch.device("cpu"))
+    result = {"snapshot": snap.name, "guidance": guidance, "ddim_steps": steps,
+              **{k: entry[k] for k in ("auc_synthetic", "auc_real", "ratio",
+                                       "positives_synthetic", "positives_real", "n_val",
+                                       "positives_val")}}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
     e = sub.add_parser("eval")
-    for p in (t, e):
+    f = sub.add_parser("fidelity")
+    f.add_argument("--snapshot", type=Path, required=True)
+    f.add_argument("--guidance", type=float, default=2.0)
+    f.add_argument("--steps", type=int, default=25)
+    for p in (t, e, f):
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
         p.add_argument("--set", dest="overrides", action="append", default=[])
     t.add_argument("--out", type=Path, required=True)
@@ -221,7 +267,10 @@ def main() -> None:
     e.add_argument("--only", default="")
     e.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"])
     args = parser.parse_args()
-    if args.command == "train":
+    if args.command == "fidelity":
+        fidelity(load_config(args.params, args.overrides), args.snapshot, args.guidance,
+                 args.steps)
+    elif args.command == "train":
         cfg = load_config(args.params, args.overrides)
         train(cfg, args.out, {int(s) for s in args.snapshots.split(",")}, args.init)
     else:
