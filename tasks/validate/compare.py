@@ -17,6 +17,7 @@ import numpy as np
 from tasks.validate.assess import ensemble, mean_sd, stable_seed
 from tasks.validate.delong import delong_test
 from tasks.validate.evalsets import EvalSet
+from tasks.validate.findings import finding_groups
 from tasks.validate.inputs import TaskCases
 from tasks.validate.metrics import auc
 from tasks.validate.pooled import SiteScores, cluster_index, pooled_comparison
@@ -112,11 +113,13 @@ def external_summary(per_set: dict[str, dict[str, Any]], sets: list[EvalSet]
 
 
 def pooled_external(cases: TaskCases, with_: str, without: str, sets: list[EvalSet], *,
-                    confidence: float, resamples: int, seed: int) -> dict[str, Any] | None:
+                    confidence: float, resamples: int, seed: int,
+                    subset: np.ndarray | None = None) -> dict[str, Any] | None:
     """The pooled comparison over every external set of one regime pair (``None`` if none).
 
     The seed ensembles are the same as the per-site comparison's, so the pooled estimate is
-    exactly the mean of the per-site ``delta_auc`` values.
+    exactly the mean of the per-site ``delta_auc`` values. ``subset`` (a case mask) restricts
+    every site to those cases: a finding subgroup's positives and all negatives.
     """
     external = [es for es in sets if not es.internal]
     if not external:
@@ -127,6 +130,8 @@ def pooled_external(cases: TaskCases, with_: str, without: str, sets: list[EvalS
     sites = []
     for es in external:
         keep = es.mask(cases.cases)
+        if subset is not None:
+            keep = keep & subset
         _, local = np.unique(clusters[keep], return_inverse=True)
         sites.append(SiteScores(key=es.key, labels=y[keep], scores_with=ens_with.scores[keep],
                                 scores_without=ens_without.scores[keep],
@@ -169,5 +174,29 @@ def compare_regimes(cases: TaskCases, pairs: list[tuple[str, str]], sets: list[E
             seed=stable_seed(seed, cases.task, with_, without, "pooled_external"))
         done.append({"with": with_, "without": without, "paired_seeds": seeds,
                      "sets": per_set, "external": external_summary(per_set, sets),
-                     "pooled": pooled})
+                     "pooled": pooled,
+                     "findings": finding_comparisons(cases, with_, without, sets,
+                                                     confidence=confidence,
+                                                     resamples=resamples, seed=seed)})
     return done, skipped
+
+
+def finding_comparisons(cases: TaskCases, with_: str, without: str, sets: list[EvalSet], *,
+                        confidence: float, resamples: int, seed: int) -> list[dict[str, Any]]:
+    """The pooled external comparison within each finding subgroup of the task.
+
+    Why: enriching the synthetic set in a rare finding (Perugini 3, superscans) is meant to
+    help that finding, and the task-level Delta AUC hides it (few such positives). Each
+    finding's positives are scored against all negatives of every external site; a site with
+    fewer than two such positives makes the finding not assessable (the report says so).
+    """
+    external = [es for es in sets if not es.internal]
+    out = []
+    for group, mask in finding_groups(cases.cases, cases.task).items():
+        positives = {es.key: int((cases.labels[es.mask(cases.cases) & mask] == 1).sum())
+                     for es in external}
+        pooled = pooled_external(
+            cases, with_, without, sets, confidence=confidence, resamples=resamples,
+            seed=stable_seed(seed, cases.task, with_, without, "finding", group), subset=mask)
+        out.append({"group": group, "external_positives": positives, "pooled": pooled})
+    return out

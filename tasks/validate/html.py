@@ -78,8 +78,9 @@ def _subgroup_rows(task_doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                                     "cells": {}})
         row["cells"][item["set"]] = item
     order = {r: i for i, r in enumerate(task_doc["regimes"])}
+    variables = {"sex": 0, "age": 1, "finding": 2}
     return sorted(rows.values(), key=lambda r: (order.get(r["regime"], 99),
-                                                r["variable"] != "sex"))
+                                                variables.get(r["variable"], 3)))
 
 
 def _pooled_sentence(pooled: Mapping[str, Any] | None, confidence: float) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.validate.findings import FINDING_COLUMNS
+
 PREDICTIONS_FILE = "predictions.parquet"
 MODEL_FILE = "model.json"
 PREDICTION_COLUMNS = ("study_uid", "pseudo_id", "site", "split", "sex", "age", "label", "score")
@@ -103,6 +105,11 @@ def read_predictions(path: Path) -> pd.DataFrame:
                                    "row (NaN, infinite or out-of-range values found)")
     out["label"] = label.astype(np.int64).to_numpy()
     out["score"] = score.to_numpy()
+    for column in FINDING_COLUMNS:  # optional: what a positive shows (finding subgroups)
+        if column in frame.columns:
+            out[column] = pd.to_numeric(frame[column].astype("Float64"),
+                                        errors="coerce").to_numpy(dtype=np.float64,
+                                                                  na_value=np.nan)
     return out
 
 

@@ -38,10 +38,11 @@ from tasks.validate.assess import (
 from tasks.validate.compare import compare_regimes
 from tasks.validate.evalsets import EvalSet, eval_sets
 from tasks.validate.figures import SetFigures, write_set_figures
+from tasks.validate.findings import finding_groups
 from tasks.validate.html import render_html
 from tasks.validate.inputs import ModelRun, TaskCases, align_task, discover_models
 from tasks.validate.schema import validate_report
-from tasks.validate.subgroups import subgroup_aucs
+from tasks.validate.subgroups import Interval, subgroup_aucs
 
 VALIDATION_JSON = "validation.json"
 METRICS_JSON = "validation_metrics.json"
@@ -119,14 +120,18 @@ def provenance(model: ModelRun) -> dict[str, Any]:
 
 
 def _subgroups(cases: TaskCases, sets: list[EvalSet], ensembles: list[Ensemble],
-               edges: list[float]) -> list[dict[str, Any]]:
+               cfg: ValidateConfig) -> list[dict[str, Any]]:
+    interval = Interval(resamples=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
+    findings = finding_groups(cases.cases, cases.task)
     rows = []
     for ens in ensembles:
         for es in sets:
             keep = es.mask(cases.cases)
             part = cases.cases.loc[keep]
+            local = {group: mask[keep] for group, mask in findings.items()}
             for row in subgroup_aucs(part["label"].to_numpy(), ens.scores[keep],
-                                     part["sex"].to_numpy(), part["age"].to_numpy(), edges):
+                                     part["sex"].to_numpy(), part["age"].to_numpy(),
+                                     list(cfg.age_bands), interval=interval, findings=local):
                 rows.append({"regime": ens.regime, "set": es.key, **row})
     return rows
 
@@ -145,7 +150,7 @@ def assess_task(cases: TaskCases, cfg: ValidateConfig) -> tuple[dict[str, Any], 
            "eval_sets": [es.key for es in sets], "models": models,
            "ensembles": ensembles_doc, "comparisons": comparisons,
            "skipped_comparisons": skipped,
-           "subgroups": _subgroups(cases, sets, ensembles, list(cfg.age_bands))}
+           "subgroups": _subgroups(cases, sets, ensembles, cfg)}
     return doc, sets
 
 
@@ -221,7 +226,8 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
     ``<task>.<with>_vs_<without>.<site>.delta_auc`` / ``.p_value``,
     ``...external_mean.delta_auc`` and the pooled comparison
     ``...pooled_external.delta_auc`` / ``.delta_auc_ci_low`` / ``.delta_auc_ci_high`` /
-    ``.p_value``. Undefined numbers (None) are left out: MLflow has no null.
+    ``.p_value``, and per finding subgroup ``...pooled_external.<finding>.<key>``. Undefined
+    numbers (None) are left out: MLflow has no null.
     """
     metrics: dict[str, float] = {}
     keys = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "brier", "ece")
@@ -245,6 +251,12 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
             for key in POOLED_METRICS:
                 if pooled.get(key) is not None:
                     metrics[mlflow_metric_name(task, name, "pooled_external", key)] = pooled[key]
+            for finding in comp.get("findings", []):
+                pooled = finding["pooled"] or {}
+                for key in POOLED_METRICS:
+                    if pooled.get(key) is not None:
+                        metrics[mlflow_metric_name(task, name, "pooled_external",
+                                                   finding["group"], key)] = pooled[key]
     artifacts = [result.json_path, result.metrics_path, result.html_path]
     for files in result.figures.values():
         artifacts += [files.roc_png, files.calibration_png, files.roc_csv, files.calibration_csv]
