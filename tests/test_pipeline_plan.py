@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from typer.testing import CliRunner
 
@@ -54,7 +56,9 @@ def test_run_refuses_an_unknown_profile_leaving_params_alone(monkeypatch):
     assert (REPO / "params.yaml").read_text() == before
 
 
-def test_ui_serves_the_project_tracking_store(tmp_path):
+def test_ui_serves_the_project_store_light_and_stops_everything_it_started(tmp_path):
+    """One light server (no huey job consumers, one worker); a SIGTERM to `synthdx ui` alone
+    stops every process it started (MLflow's own launcher left its job runner running)."""
     import os
     import signal
     import socket
@@ -65,6 +69,7 @@ def test_ui_serves_the_project_tracking_store(tmp_path):
     from pathlib import Path
 
     import mlflow
+    import psutil
 
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("synthdx")
     with socket.socket() as sock:
@@ -73,11 +78,12 @@ def test_ui_serves_the_project_tracking_store(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     proc = subprocess.Popen([str(Path(sys.executable).parent / "synthdx"), "ui", "--port",
-                             str(port)], cwd=tmp_path, env=env, start_new_session=True,
+                             str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started: list[psutil.Process] = []
     try:
         body = b""
-        for _ in range(120):
+        for _ in range(240):
             try:
                 req = urllib.request.Request(
                     f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
@@ -87,6 +93,19 @@ def test_ui_serves_the_project_tracking_store(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert b'"name": "synthdx"' in body or b'"name":"synthdx"' in body
+        time.sleep(2)  # a job runner, when enabled, starts after the server answers
+        started = psutil.Process(proc.pid).children(recursive=True)
+        commands = [" ".join(p.cmdline()) for p in started]
+        assert not [c for c in commands if "huey" in c], commands
+        assert len(started) <= 3, commands
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        _, alive = psutil.wait_procs(started, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -161,6 +161,28 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""What the MLflow UI reads to choose an experiment's first page. Unset, MLflow 3 infers a
+GenAI experiment and opens on the "traces" overview, where a synthdx user finds nothing; a
+model-training experiment opens on its runs table."""
+
+
+def use_experiment(name: str) -> str:
+    """Make ``name`` the active experiment, marked as a model-training experiment.
+
+    Returns:
+        The experiment's id.
+    """
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if (experiment.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 EXPERIMENT_KIND)
+    return str(experiment.experiment_id)
+
+
 @contextmanager
 def stage_run(cfg: MlflowConfig, stage: str, tags: Mapping[str, str] | None = None
               ) -> Iterator[Any]:
@@ -181,7 +203,7 @@ def stage_run(cfg: MlflowConfig, stage: str, tags: Mapping[str, str] | None = No
 
     check_tracking_server(cfg.resolved_uri())
     mlflow.set_tracking_uri(cfg.resolved_uri())
-    mlflow.set_experiment(cfg.experiment)
+    use_experiment(cfg.experiment)
     all_tags = {"synthdx.stage": stage, **(tags or {})}
     parent = os.environ.get(PARENT_ENV)
     if parent:

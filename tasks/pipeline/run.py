@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.common.tracking import use_experiment
 from tasks.config import Config
 from tasks.pipeline.dag import StageInfo, pipeline_stages, select_stages, stale_reason
 from tasks.pipeline.lineage import lineage_tags, tag_key
@@ -78,7 +79,7 @@ def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
     summary = PipelineSummary(profile=cfg.profile, tracking_uri=cfg.mlflow.resolved_uri())
     started = time.perf_counter()
     mlflow.set_tracking_uri(summary.tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    use_experiment(cfg.mlflow.experiment)
     tags = {"synthdx.stage": "pipeline", "synthdx.profile": cfg.profile,
             "synthdx.request": _describe_request(request)}
     with mlflow.start_run(run_name=f"pipeline-{cfg.profile}", tags=tags) as parent:
