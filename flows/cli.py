@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -387,16 +386,19 @@ def ui_cmd(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 5000,
 ) -> None:
-    """Start the MLflow UI on the project's tracking store (Ctrl-C stops it)."""
-    import shutil
+    """Start the MLflow UI on the project's tracking store (Ctrl-C stops it).
+
+    One light server (no job runner, one worker); Ctrl-C or SIGTERM stops every process it
+    started.
+    """
+    from tasks.common.mlflow_ui import serve_ui
 
     cfg = _load(params, None)
     uri = cfg.mlflow.resolved_uri()
     if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
         raise _fail(f"the tracking store is a server ({uri}): open it in a browser instead", 2)
-    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
-    os.execv(exe, [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+    raise typer.Exit(serve_ui(uri, host, port))
 
 
 @app.command("serve")
