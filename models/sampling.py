@@ -93,9 +93,10 @@ def sample(
         scheduler_kind: ``ddim`` (deterministic with ``eta=0``, few steps) or ``ddpm``
             (stochastic; MONAI's DDPM step assumes consecutive timesteps, so it needs
             ``num_inference_steps == num_train_timesteps``).
-        num_inference_steps: reverse steps; for DDIM choose a divisor of
-            ``num_train_timesteps`` (MONAI's DDIM step strides by ``T // n`` while its
-            timesteps are rounded from a linspace, which only agree when n divides T).
+        num_inference_steps: reverse steps; for DDIM a divisor of ``num_train_timesteps``
+            (MONAI's DDIM step strides by ``T // n`` while its timesteps are rounded from a
+            linspace, which only agree when n divides T). The pipeline's configuration
+            refuses any other count (``tasks/config.py``, ``Config._sampler_steps``).
         cond: (B, F) LongTensor of factor indices.
         guidance_scale: ``s`` above.
         seeds: one seed per row of ``cond``.

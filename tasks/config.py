@@ -537,12 +537,19 @@ class Config(_Strict):
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
-    def _ddpm_steps(self) -> Config:
+    def _sampler_steps(self) -> Config:
+        """The sampler's step rules, checked once here (models/sampling.py states why)."""
         s, d = self.synthesize, self.diffusion
         if s.sampler == "ddpm" and s.steps != d.num_train_timesteps:
             raise ValueError(f"synthesize.sampler ddpm needs synthesize.steps == "
                              f"diffusion.num_train_timesteps ({d.num_train_timesteps}), "
                              f"got {s.steps}; use ddim for fewer steps")
+        if s.sampler == "ddim" and d.num_train_timesteps % s.steps:
+            divisors = [n for n in range(10, 101) if d.num_train_timesteps % n == 0]
+            raise ValueError(f"synthesize.steps {s.steps} does not divide "
+                             f"diffusion.num_train_timesteps ({d.num_train_timesteps}): MONAI's "
+                             f"DDIM strides by T // steps while its timesteps are rounded from a "
+                             f"linspace, so they disagree; choose a divisor, e.g. {divisors}")
         return self
 
 

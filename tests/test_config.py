@@ -95,3 +95,9 @@ def test_ddpm_needs_every_training_step():
         load_config(PARAMS, ["synthesize.sampler=ddpm", "synthesize.steps=50"])
     cfg = load_config(PARAMS, ["synthesize.sampler=ddpm", "synthesize.steps=1000"])
     assert cfg.synthesize.steps == 1000
+
+
+def test_ddim_steps_must_divide_the_training_timesteps() -> None:
+    with pytest.raises(ConfigError, match="synthesize.steps 12 does not divide"):
+        load_config(PARAMS, ["synthesize.steps=12"])
+    assert load_config(PARAMS, ["synthesize.steps=25"]).synthesize.steps == 25
