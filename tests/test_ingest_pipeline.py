@@ -52,18 +52,29 @@ def test_every_file_ingested_or_quarantined_with_its_reason(archive: Archive, in
     report = _report(output)
     all_files = sorted(p.relative_to(archive.source).as_posix()
                        for p in archive.source.rglob("*") if p.is_file())
-    quarantined = {q["path"]: q["reason"] for q in report["quarantined"]}
-    assert report["files_total"] == len(all_files) == result.files_total
-    assert report["ingested"] + len(quarantined) == len(all_files)
-    assert set(quarantined) == set(archive.bad)
-    for path, expected in archive.bad.items():
-        assert quarantined[path].startswith(expected), (path, quarantined[path])
-    assert report["ingested"] == len(archive.good) == result.ingested
-    # Quarantine: untouched copies at the same relative paths, outside the output.
+    # The report names each file by its copy in the quarantine, never by its path; the
+    # quarantine's own reasons.json maps the copies to the original paths.
     quarantine = Path(result.quarantine)
-    for path in archive.bad:
-        assert (quarantine / path).read_bytes() == (archive.source / path).read_bytes()
-    assert json.loads((quarantine / "reasons.json").read_text()) == report["quarantined"]
+    local = json.loads((quarantine / "reasons.json").read_text())
+    assert report["quarantined"] == [{"file": e["file"], "reason": e["reason"]} for e in local]
+    by_source = {e["source"]: e for e in local}
+    assert report["files_total"] == len(all_files) == result.files_total
+    assert report["ingested"] + len(local) == len(all_files)
+    assert set(by_source) == set(archive.bad)
+    for path, expected in archive.bad.items():
+        assert by_source[path]["reason"].startswith(expected), (path, by_source[path])
+        assert path not in json.dumps(report)
+    assert report["ingested"] == len(archive.good) == result.ingested
+    # Quarantine: untouched copies, flat, named <keyed id><known extension>.
+    for path, entry in by_source.items():
+        assert (quarantine / entry["file"]).read_bytes() == (archive.source / path).read_bytes()
+        assert entry["file"].startswith("Q") and "/" not in entry["file"]
+    assert by_source["misc/notes.txt"]["file"].endswith(".txt")
+    assert {p.name for p in quarantine.iterdir()} == {e["file"] for e in local} | {
+        "reasons.json"}
+    duplicate = by_source["zz_copies/copy_of_first.dcm"]
+    assert duplicate["duplicate_of"] == archive.good[0].relpath
+    assert archive.good[0].relpath not in duplicate["reason"]
     assert not any(p.suffix == ".dcm" for p in output.rglob("*"))
 
 
@@ -245,7 +256,9 @@ def test_nothing_usable_is_an_error(archive: Archive, tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="no usable images .* all 2 files were quarantined"):
         run_ingest(cfg)
     assert not Path(cfg.output).exists()
-    assert (Path(cfg.quarantine) / "ct.dcm").exists()
+    local = json.loads((Path(cfg.quarantine) / "reasons.json").read_text())
+    assert sorted(e["source"] for e in local) == ["a.txt", "ct.dcm"]
+    assert all((Path(cfg.quarantine) / e["file"]).is_file() for e in local)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(IngestError, match="holds no files"):

@@ -39,7 +39,10 @@ def test_foreign_corpus_every_file_accounted_for(tiny_phantom: Path, tmp_path: P
     result = run_ingest(cfg.ingest)
     report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
     files = {str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()}
-    quarantined = {q["path"] for q in report["quarantined"]}
+    # The report names files by their quarantine copies; the paths are in reasons.json only.
+    local = json.loads((tmp_path / "q" / "reasons.json").read_text())
+    assert [e["file"] for e in local] == [q["file"] for q in report["quarantined"]]
+    quarantined = {e["source"]: e["file"] for e in local}
     assert report["files_total"] == len(files)
     assert report["ingested"] + len(quarantined) == len(files)
     assert result.ingested == ours  # every phantom study, and nothing foreign
@@ -50,5 +53,5 @@ def test_foreign_corpus_every_file_accounted_for(tiny_phantom: Path, tmp_path: P
                      "not a DICOM file", "truncated or corrupt"):
         assert expected in reasons
     # quarantined copies are byte-identical to the originals
-    for rel in list(quarantined)[:20]:
-        assert (tmp_path / "q" / rel).read_bytes() == (source / rel).read_bytes()
+    for rel, name in list(quarantined.items())[:20]:
+        assert (tmp_path / "q" / name).read_bytes() == (source / rel).read_bytes()

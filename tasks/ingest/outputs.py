@@ -7,17 +7,16 @@ Processed output (versioned by DVC, logged to MLflow, no identity):
     manifest.parquet    one row per image; ``index`` is the row in images.npy.
     headers.jsonl       line i: the de-identified DICOM header of image i (DICOM JSON model,
                         no pixel data), for audits.
-    ingest_report.json  counts, quarantined files and reasons, label and split statistics.
+    ingest_report.json  counts, quarantined files (named by their copies in the quarantine,
+                        never by path) and reasons, label and split statistics.
     montage.png         a few processed images per site with site / split / label captions.
 
-Quarantine (never versioned: holds identity): untouched copies of the rejected files at their
-relative paths, and reasons.json with the same {path, reason} list as the report.
+Quarantine (never versioned: holds identity): see tasks/ingest/quarantine.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,32 +28,23 @@ from tasks.common.montage import write_montage
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
-from tasks.ingest.reader import FileResult
+from tasks.ingest.pseudonym import Pseudonymizer
+from tasks.ingest.quarantine import REASONS_NAME, write_quarantine
 from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 
 REPORT_NAME = "ingest_report.json"
-REASONS_NAME = "reasons.json"
-
-
-def write_quarantine(quarantine: Path, source: Path, rejected: list[FileResult]) -> None:
-    """Replace the quarantine folder with copies of this run's rejected files and reasons."""
-    with atomic_dir(quarantine) as tmp:
-        for result in rejected:
-            target = tmp / result.relpath
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / result.relpath, target)
-        reasons = [{"path": r.relpath, "reason": r.reason} for r in rejected]
-        (tmp / REASONS_NAME).write_text(json.dumps(reasons, indent=1) + "\n", encoding="utf-8")
 
 
 def _strict_error(plan: IngestPlan, assembled: Assembled) -> IngestError:
-    shown = "; ".join(f"{r.relpath}: {r.reason}" for r in assembled.quarantined[:3])
-    more = len(assembled.quarantined) - 3
+    """The strict-mode failure; files are named by their quarantine copies (no paths)."""
+    entries = assembled.report["quarantined"]
+    shown = "; ".join(f"{e['file']}: {e['reason']}" for e in entries[:3])
+    more = len(entries) - 3
     return IngestError(
-        f"strict mode: {len(assembled.quarantined)} of {assembled.report['files_total']} files "
+        f"strict mode: {len(entries)} of {assembled.report['files_total']} files "
         f"were quarantined ({shown}{f'; and {more} more' if more > 0 else ''}). The previous "
-        f"output in {plan.cfg.output} is unchanged; copies and reasons are in "
-        f"{plan.cfg.quarantine}"
+        f"output in {plan.cfg.output} is unchanged; the copies are in {plan.cfg.quarantine}, "
+        f"their original paths and reasons in {Path(plan.cfg.quarantine) / REASONS_NAME}"
     )
 
 
@@ -65,7 +55,8 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         IngestError: in strict mode when any file was quarantined (the output is untouched).
     """
     cfg = plan.cfg
-    write_quarantine(Path(cfg.quarantine), Path(cfg.source), assembled.quarantined)
+    write_quarantine(Path(cfg.quarantine), Path(cfg.source), assembled.quarantined,
+                     Pseudonymizer(plan.key))
     if cfg.strict and assembled.quarantined:
         raise _strict_error(plan, assembled)
     output = Path(cfg.output)

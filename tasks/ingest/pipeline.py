@@ -20,10 +20,11 @@ import pandas as pd
 from tasks.config import IngestConfig
 from tasks.ingest.errors import IngestError
 from tasks.ingest.labels import load_labels
-from tasks.ingest.outputs import write_dataset, write_quarantine
+from tasks.ingest.outputs import write_dataset
 from tasks.ingest.parallel import resolve_workers, run_pool
 from tasks.ingest.provenance import verified_phantom
-from tasks.ingest.pseudonym import resolve_key
+from tasks.ingest.pseudonym import Pseudonymizer, resolve_key
+from tasks.ingest.quarantine import report_entries, write_quarantine
 from tasks.ingest.reader import FileResult, WorkerContext, WorkerSettings, decoded_pixels
 from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 from tasks.ingest.split import assign_splits
@@ -95,8 +96,12 @@ def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResul
     return run_pool(plan.files, worker_context(plan), n_workers)
 
 
-def _mark_duplicates(ordered: list[FileResult], source: Path) -> None:
-    """Quarantine later copies of an image already ingested (first in path order wins)."""
+def _mark_duplicates(ordered: list[FileResult], source: Path, names: Pseudonymizer) -> None:
+    """Quarantine later copies of an image already ingested (first in path order wins).
+
+    The reason names the ingested file by its pseudonym, not its path (which may name the
+    patient); the path itself goes to the quarantine's own reasons.json.
+    """
     first: dict[str, FileResult] = {}
     for result in ordered:
         if not result.ok or result.fingerprint is None:
@@ -107,7 +112,9 @@ def _mark_duplicates(ordered: list[FileResult], source: Path) -> None:
             continue
         a, b = decoded_pixels(source / original.relpath), decoded_pixels(source / result.relpath)
         if a is not None and b is not None and a.shape == b.shape and np.array_equal(a, b):
-            result.reason = f"duplicate of an already ingested image ({original.relpath})"
+            result.reason = ("duplicate of an already ingested image "
+                             f"({names.file_id(original.relpath)})")
+            result.duplicate_of = original.relpath
             result.image = result.record = result.header = None
 
 
@@ -169,7 +176,8 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
         IngestError: when no file could be used.
     """
     ordered = [results[p] for p in plan.files]
-    _mark_duplicates(ordered, Path(plan.cfg.source))
+    names = Pseudonymizer(plan.key)
+    _mark_duplicates(ordered, Path(plan.cfg.source), names)
     good = [r for r in ordered if r.ok]
     bad = [r for r in ordered if not r.ok]
     if not good:
@@ -191,7 +199,7 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
     report: dict[str, Any] = {
         "files_total": len(ordered),
         "ingested": len(good),
-        "quarantined": [{"path": r.relpath, "reason": r.reason} for r in bad],
+        "quarantined": report_entries(names, bad),
         "quarantined_count": len(bad),
         "quarantine_reasons": dict(Counter(_reason_kind(r.reason or "") for r in bad)
                                    .most_common()),
@@ -235,7 +243,8 @@ def finish(plan: IngestPlan, results: dict[str, FileResult]) -> IngestResult:
         assembled = assemble(plan, results)
     except IngestError:
         rejected = [results[p] for p in plan.files if not results[p].ok]
-        write_quarantine(Path(plan.cfg.quarantine), Path(plan.cfg.source), rejected)
+        write_quarantine(Path(plan.cfg.quarantine), Path(plan.cfg.source), rejected,
+                         Pseudonymizer(plan.key))
         raise
     return write_dataset(plan, assembled)
 

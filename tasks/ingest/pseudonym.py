@@ -116,6 +116,15 @@ class Pseudonymizer:
         value = int.from_bytes(self._mac("dateshift", site, patient_id)[:8], "big")
         return -(DATE_SHIFT_MIN_DAYS + value % span)
 
+    def file_id(self, relpath: str) -> str:
+        """Pseudonym of an input file (its path relative to the source folder).
+
+        Why keyed: archives are often exported one folder per patient ("DOE^JOHN_1962/..."),
+        so a path is identity, and a guessable one; the same key gives the same name on
+        every run, so a file quarantined twice is recognised.
+        """
+        return "Q" + self._mac("file", relpath).hex()[:16]
+
     def uid(self, uid: str) -> str:
         """Replacement UID under the 2.25 (UUID-derived integer) root; same input, same UID."""
         uid = str(uid).strip()

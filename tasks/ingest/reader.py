@@ -111,6 +111,9 @@ class FileResult:
     # count labels rows without an image. Never written anywhere.
     label_uid: str | None = field(default=None, repr=False)
     patient_id_differs: bool = False
+    # For a duplicate: the path of the file it repeats. Paths may hold identity, so this goes
+    # to the quarantine's own reasons.json only (tasks/ingest/quarantine.py), never a report.
+    duplicate_of: str | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -150,10 +153,16 @@ def init_worker(context: WorkerContext, one_per_core: bool = False) -> None:
 
 
 def _clean(message: object, path: Path, limit: int = 200) -> str:
-    """One line of an exception message, without the file's path, at most ``limit`` chars."""
+    """One line of an exception message, without the file's path, at most ``limit`` chars.
+
+    Every folder name of the path goes too, not just the whole path and the file name: an
+    archive exported one folder per patient names the patient in its folders.
+    """
     text = str(message).replace(str(path), "<file>")
-    if len(path.name) >= 6:  # a short name could match ordinary words of the message
-        text = text.replace(path.name, "<file>")
+    # Longest first, so a name is not cut by a shorter one inside it; a short part could
+    # match ordinary words of the message.
+    for part in sorted({p for p in path.parts if len(p) >= 6}, key=len, reverse=True):
+        text = text.replace(part, "<file>")
     text = " ".join(text.split()) or type(message).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

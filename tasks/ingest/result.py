@@ -70,7 +70,8 @@ class IngestResult:
             f"ingested {self.ingested} of {self.files_total} files into {self.output} "
             f"({splits}; {len(self.sites)} sites, internal: {self.internal_site})",
             (f"quarantined {self.quarantined} files into {self.quarantine} (reasons in the "
-             "report)") if self.quarantined else "quarantined 0 files",
+             "report; original paths only in the quarantine's reasons.json)")
+            if self.quarantined else "quarantined 0 files",
             f"report: {self.report_path}",
             f"dataset version (DVC hash): {self.digest}",
         ]
