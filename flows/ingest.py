@@ -64,7 +64,7 @@ def ingest_flow(cfg: Config) -> IngestResult:
     result = write_outputs(plan, results)
     write_stage_metrics(result, cfg.reports_dir)
     result.mlflow_run_id = log_run(result, cfg.ingest, cfg.mlflow)
-    get_run_logger().info("ingested %d of %d files, quarantined %d; dataset %s",
+    get_run_logger().info("ingested %d of %d files, quarantined %d in %.1f s; dataset %s",
                           result.ingested, result.files_total, result.quarantined,
-                          result.digest)
+                          result.elapsed_seconds, result.digest)
     return result

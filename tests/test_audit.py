@@ -287,6 +287,9 @@ def test_fresh_draws_pass_and_planted_copies_are_withheld(tmp_path, processed, m
     metrics = json.loads((tmp_path / "reports" / "audit_metrics.json").read_text())
     assert metrics["withheld"] == result.withheld
     assert "seconds" not in json.dumps(metrics)
+    # audit.json is a DVC output: nothing that differs between two runs on the same inputs.
+    assert not {"timings_seconds", "mlflow_run_id"} & set(doc)
+    assert "seconds" not in doc["encoder"] and "seconds" not in doc["quality"]["tstr"]
 
     run = mlflow.get_run(result.mlflow_run_id)
     assert run.data.tags["synthdx.stage"] == "audit"
@@ -296,6 +299,7 @@ def test_fresh_draws_pass_and_planted_copies_are_withheld(tmp_path, processed, m
     assert run.data.params["audit.privacy.quantile"] == "0.99"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"audit.json", "nearest_pairs.png", "withheld.csv"} <= artifacts
+    assert {"seconds/total", "seconds/encoder_training"} <= set(run.data.metrics)
     assert "withheld" in result.describe() and str(result.withheld) in result.describe()
 
 

@@ -314,8 +314,13 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         privacy = _privacy_doc(check, table, a.privacy.pairs_shown)
         timings["privacy"] = time.perf_counter() - tick
 
-        encoder_doc = {**asdict(info), "architecture": "MONAI ResidualUnit CNN, multi-task "
+        # Timings and the run ID go to MLflow only: audit.json is a DVC output, and a rerun on
+        # the same inputs must give the same bytes, or everything downstream reruns.
+        encoder_doc = {**{k: v for k, v in asdict(info).items() if k != "seconds"},
+                       "architecture": "MONAI ResidualUnit CNN, multi-task "
                        "(Perugini grade 4-way, metastasis)", "device": str(device)}
+        timings["encoder_training"] = info.seconds
+        quality["tstr"].pop("seconds", None)
         metrics = dvc_metrics(quality, privacy, encoder_doc)
         document = {
             "generator": "synthdx audit",
@@ -331,7 +336,6 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
             "quality": quality,
             "privacy": privacy,
             "config": a.model_dump(mode="json"),
-            "mlflow_run_id": run.info.run_id,
         }
         output = Path(a.output)
         with atomic_dir(output) as tmp:
@@ -341,8 +345,8 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
                                                                      index=False)
             plot_pairs(tmp / PAIRS_PNG, x.images, x.train, table, check.nearest,
                        a.privacy.pairs_shown)
-            timings["total"] = time.perf_counter() - started
-            write_json(tmp / AUDIT_JSON, {**document, "timings_seconds": timings})
+            write_json(tmp / AUDIT_JSON, document)
+        timings["total"] = time.perf_counter() - started
         metrics_path = Path(cfg.reports_dir) / METRICS_FILE
         write_json(metrics_path, metrics)
         mlflow.log_metrics(flat_metrics(metrics))

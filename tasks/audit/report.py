@@ -2,7 +2,9 @@
 
 Output folder (``audit.output``, replaced atomically as a whole):
     audit.json          every metric, per class and overall, thresholds, counts, encoder,
-                        input digests.
+                        input digests. No timings and no MLflow run ID: the folder is a DVC
+                        output, and a rerun on the same inputs must keep its hash, or every
+                        classifier stage reruns (timings are MLflow metrics ``seconds/*``).
     nearest.csv         every synthetic image: its nearest training image, NCC, SSIM, decision.
     withheld.csv        the withheld rows of nearest.csv (the list a reviewer reads).
     nearest_pairs.png   the closest synthetic / training pairs side by side, both views.

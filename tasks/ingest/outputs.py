@@ -8,7 +8,9 @@ Processed output (versioned by DVC, logged to MLflow, no identity):
     headers.jsonl       line i: the de-identified DICOM header of image i (DICOM JSON model,
                         no pixel data), for audits.
     ingest_report.json  counts, quarantined files (named by their copies in the quarantine,
-                        never by path) and reasons, label and split statistics.
+                        never by path) and reasons, label and split statistics. No timings:
+                        the same input gives the same bytes, so a rerun keeps the DVC hash
+                        and nothing downstream reruns (the time goes to MLflow and the CLI).
     montage.png         a few processed images per site with site / split / label captions.
 
 Quarantine (never versioned: holds identity): see tasks/ingest/quarantine.py.
@@ -78,7 +80,6 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
             for header in assembled.headers:
                 fh.write(header + "\n")
         write_montage(assembled.images, assembled.manifest, tmp / "montage.png")
-        report["elapsed_seconds"] = round(time.perf_counter() - plan.started, 3)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     manifest = assembled.manifest
     return IngestResult(
@@ -92,7 +93,7 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         sites=report["counts"]["site"],
         internal_site=assembled.internal_site,
         digest=dvc_dir_hash(output),
-        elapsed_seconds=report["elapsed_seconds"],
+        elapsed_seconds=round(time.perf_counter() - plan.started, 3),
         key_origin=plan.key.origin,
         manifest_dtypes={str(k): v.kind for k, v in manifest.dtypes.items()},
     )

@@ -64,11 +64,15 @@ class IngestResult:
     mlflow_run_id: str | None = None
 
     def describe(self) -> str:
-        """A short human summary: counts, output, quarantine and report paths."""
+        """A short human summary: counts, time, output, quarantine and report paths.
+
+        The time is here and in MLflow, never in the output: a rerun must give the same bytes.
+        """
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items() if v)
         lines = [
             f"ingested {self.ingested} of {self.files_total} files into {self.output} "
-            f"({splits}; {len(self.sites)} sites, internal: {self.internal_site})",
+            f"({splits}; {len(self.sites)} sites, internal: {self.internal_site}) "
+            f"in {self.elapsed_seconds:.1f} s",
             (f"quarantined {self.quarantined} files into {self.quarantine} (reasons in the "
              "report; original paths only in the quarantine's reasons.json)")
             if self.quarantined else "quarantined 0 files",
