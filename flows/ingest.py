@@ -14,13 +14,11 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common.tracking import check_tracking_server
 from tasks.config import Config, IngestConfig, MlflowConfig
-from tasks.ingest.outputs import write_metrics
+from tasks.ingest.outputs import metrics_path, write_metrics
 from tasks.ingest.pipeline import finish, prepare, process
 from tasks.ingest.reader import FileResult
 from tasks.ingest.result import IngestPlan, IngestResult
 from tasks.ingest.tracking import log_ingest_result
-
-METRICS_NAME = "ingest_metrics.json"
 
 
 @task(name="prepare inputs", cache_policy=NO_CACHE, persist_result=False)
@@ -42,10 +40,13 @@ def write_outputs(plan: IngestPlan, results: dict[str, FileResult]) -> IngestRes
 
 
 @task(name="write metrics", cache_policy=NO_CACHE, persist_result=False)
-def write_stage_metrics(result: IngestResult, reports_dir: Path) -> Path:
-    """Write reports/ingest_metrics.json, the stage's DVC metrics."""
-    path = Path(reports_dir) / METRICS_NAME
-    write_metrics(path, result)
+def write_stage_metrics(result: IngestResult, path: Path | None) -> Path | None:
+    """Write the stage's DVC metrics (reports/ingest_metrics.json), if this run has any.
+
+    None when the output is not the project's: see tasks/common/stage_metrics.py.
+    """
+    if path is not None:
+        write_metrics(path, result)
     return path
 
 
@@ -62,7 +63,7 @@ def ingest_flow(cfg: Config) -> IngestResult:
     plan = prepare_inputs(cfg.ingest)  # warns itself when it falls back to the demo key
     results = process_files(plan)
     result = write_outputs(plan, results)
-    write_stage_metrics(result, cfg.reports_dir)
+    result.metrics_path = write_stage_metrics(result, metrics_path(cfg))
     result.mlflow_run_id = log_run(result, cfg.ingest, cfg.mlflow)
     get_run_logger().info("ingested %d of %d files, quarantined %d in %.1f s; dataset %s",
                           result.ingested, result.files_total, result.quarantined,

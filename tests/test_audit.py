@@ -122,10 +122,12 @@ def shared_mlflow(tmp_path_factory: pytest.TempPathFactory):
         yield uri
 
 
-def _cfg(tmp_path: Path, processed: Path, synthetic: Path):
+def _cfg(tmp_path: Path, processed: Path, synthetic: Path, reports: bool = True):
+    """Audit settings for the small test sets; ``reports=False`` keeps the project's reports_dir."""
     return load_config(PARAMS, [
         f"ingest.output={processed}", f"audit.synthetic={synthetic}",
-        f"audit.output={tmp_path / 'audit'}", f"reports_dir={tmp_path / 'reports'}",
+        f"audit.output={tmp_path / 'audit'}",
+        *([f"reports_dir={tmp_path / 'reports'}"] if reports else []),
         "audit.encoder.epochs=4", "audit.encoder.batch_size=32", "audit.encoder.feature_dim=32",
         "audit.two_sample_folds=3", "audit.pixel_critic_steps=60", "audit.msssim_pairs=40",
         "audit.privacy.pairs_shown=4", "audit.tstr.steps=0"])  # TSTR: tests/test_audit_tstr.py
@@ -340,6 +342,24 @@ def test_quality_tells_a_faithful_generator_from_a_blurry_one(tmp_path, processe
     assert good.fid < 2 * good.fid_reference
     assert bad.fid > 4 * good.fid
     assert bad.recall < 0.6 < good.recall
+
+
+def test_audit_elsewhere_leaves_the_project_metrics_alone(tmp_path, processed, shared_mlflow,
+                                                          monkeypatch):
+    """``synthdx audit --output DIR`` must not overwrite reports/audit_metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    project_metrics = tmp_path / "reports" / "audit_metrics.json"
+    project_metrics.parent.mkdir()
+    project_metrics.write_text('{"withheld": 0}\n')
+    fresh, grade, met = _fresh(40, seed=41)
+    synthetic = _write_synthetic(tmp_path / "synthetic", fresh, grade, met,
+                                 [f"syn-{i:07d}" for i in range(40)])
+
+    result = run_audit(_cfg(tmp_path / "elsewhere", processed, synthetic, reports=False))
+
+    assert project_metrics.read_text() == '{"withheld": 0}\n'
+    assert result.metrics_path is None and "DVC metrics: not written" in result.describe()
+    assert (tmp_path / "elsewhere" / "audit" / "audit.json").is_file()
 
 
 def test_audit_flow_is_the_audit_prefect_flow():

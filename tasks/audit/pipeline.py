@@ -51,6 +51,7 @@ from tasks.audit.report import (
 )
 from tasks.audit.tstr import TARGET_RATIO, VAL_SPLIT, run_tstr, tstr_metrics
 from tasks.common.atomic import atomic_dir
+from tasks.common.stage_metrics import stage_metrics_path
 from tasks.common.tracking import log_params, stage_run
 from tasks.config import AuditConfig, Config
 from tasks.ingest.dvc_hash import dvc_dir_hash
@@ -64,7 +65,7 @@ class AuditResult:
     """What an audit found and where it wrote it."""
 
     output: Path
-    metrics_path: Path
+    metrics_path: Path | None  # None: output not the project's (tasks/common/stage_metrics.py)
     synthetic: int
     released: int
     withheld: int
@@ -101,7 +102,14 @@ class AuditResult:
             f"(features) / {f(self.two_sample_auc_pixels)} (pixels), 0.5 = indistinguishable\n"
             f"{self._tstr_line(f)}"
             f"  report: {self.output / AUDIT_JSON}\n  released: {self.output / RELEASED_DIR}\n"
+            f"  DVC metrics: {self._metrics_line()}\n"
             f"  MLflow run: {self.mlflow_run_id}")
+
+    def _metrics_line(self) -> str:
+        if self.metrics_path is not None:
+            return str(self.metrics_path)
+        return ("not written (the output is not the project's and reports_dir is; "
+                "--set reports_dir=DIR writes them to DIR)")
 
     def _tstr_line(self, f: Callable[[float | None], str]) -> str:
         """The TSTR line (AUC trained on synthetic / on real, per task), empty when off."""
@@ -347,8 +355,11 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
                        a.privacy.pairs_shown)
             write_json(tmp / AUDIT_JSON, document)
         timings["total"] = time.perf_counter() - started
-        metrics_path = Path(cfg.reports_dir) / METRICS_FILE
-        write_json(metrics_path, metrics)
+        metrics_path = stage_metrics_path(cfg.reports_dir, output,
+                                          AuditConfig.model_fields["output"].default,
+                                          METRICS_FILE)
+        if metrics_path is not None:
+            write_json(metrics_path, metrics)
         mlflow.log_metrics(flat_metrics(metrics))
         mlflow.log_metrics({f"seconds/{k}": v for k, v in timings.items()})
         for name in (AUDIT_JSON, PAIRS_PNG, WITHHELD_CSV, NEAREST_CSV):

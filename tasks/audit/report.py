@@ -12,7 +12,9 @@ Output folder (``audit.output``, replaced atomically as a whole):
                         synthetic folder (images.npy, manifest.parquet re-indexed 0..K-1 with
                         sample_id kept, synthesis.json copied).
 The DVC metrics file (``reports/audit_metrics.json``) holds the key numbers only, no timings,
-so ``dvc metrics diff`` shows changes of the data or the model, not machine noise.
+so ``dvc metrics diff`` shows changes of the data or the model, not machine noise. It is
+written only for the project's output or a chosen ``reports_dir``
+(tasks/common/stage_metrics.py): ``synthdx audit --output DIR`` leaves the project's alone.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ import numpy as np
 
 from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.common.montage import write_montage
+from tasks.common.stage_metrics import stage_metrics_path
+from tasks.config import Config, IngestConfig
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
@@ -35,6 +37,7 @@ from tasks.ingest.quarantine import REASONS_NAME, write_quarantine
 from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 
 REPORT_NAME = "ingest_report.json"
+METRICS_NAME = "ingest_metrics.json"
 
 
 def _strict_error(plan: IngestPlan, assembled: Assembled) -> IngestError:
@@ -97,6 +100,17 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         key_origin=plan.key.origin,
         manifest_dtypes={str(k): v.kind for k, v in manifest.dtypes.items()},
     )
+
+
+def metrics_path(cfg: Config) -> Path | None:
+    """Where this run's DVC metrics go: ``<reports_dir>/ingest_metrics.json``, or nowhere.
+
+    Nowhere when the output was moved away from the project's (``--output DIR``) while
+    ``reports_dir`` still is the project's: the project's metrics describe the project's
+    dataset, and overwriting them makes DVC rerun the stage (see stage_metrics_path).
+    """
+    return stage_metrics_path(cfg.reports_dir, cfg.ingest.output,
+                              IngestConfig.model_fields["output"].default, METRICS_NAME)
 
 
 def write_metrics(path: Path, result: IngestResult) -> None:

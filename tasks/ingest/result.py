@@ -62,9 +62,12 @@ class IngestResult:
     key_origin: str
     manifest_dtypes: dict[str, str] = field(default_factory=dict)  # column -> numpy kind
     mlflow_run_id: str | None = None
+    # The DVC metrics file written, or None when the output is not the project's (see
+    # tasks/common/stage_metrics.py); set by the flow after the dataset is written.
+    metrics_path: Path | None = None
 
     def describe(self) -> str:
-        """A short human summary: counts, time, output, quarantine and report paths.
+        """A short human summary: counts, time, output, quarantine, report and metrics paths.
 
         The time is here and in MLflow, never in the output: a rerun must give the same bytes.
         """
@@ -78,6 +81,9 @@ class IngestResult:
             if self.quarantined else "quarantined 0 files",
             f"report: {self.report_path}",
             f"dataset version (DVC hash): {self.digest}",
+            f"DVC metrics: {self.metrics_path}" if self.metrics_path else
+            "DVC metrics: not written (the output is not the project's and reports_dir is; "
+            "--set reports_dir=DIR writes them to DIR)",
         ]
         if self.mlflow_run_id:
             lines.append(f"MLflow run: {self.mlflow_run_id}")
