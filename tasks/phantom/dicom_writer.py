@@ -1,18 +1,27 @@
 """Write a whole-body bone scan as a Nuclear Medicine Image Storage object.
 
 One NM image with two frames (anterior, posterior), as dual-head cameras store a whole-body
-sweep; DetectorVector is the frame increment pointer and each detector carries a View Code
-Sequence, which is how ingest tells the views apart.
+sweep; EnergyWindowVector and DetectorVector are the frame increment pointers (what the NM
+IOD prescribes for WHOLE BODY images) and each detector carries a View Code Sequence, which is
+how ingest tells the views apart.
+
+The files pass dciodvfy (dicom3tools) without errors; tests/test_dicom_conformance.py checks
+it. Its remaining warnings are deliberate: the private block and the attributes outside the
+NM IOD (Patient's Address and Telephone Numbers, Requesting Physician) repeat identity where
+real PACS exports do, so that ingest's de-identification is tested on it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -42,6 +51,17 @@ VIEW_CODES = {
     "anterior": ("399348003", "antero-posterior"),
     "posterior": ("399300004", "postero-anterior"),
 }
+
+# Direction cosines (patient LPS axes) of a frame's rows and columns: the head is at the top;
+# the posterior view is stored mirrored, as displayed (patient's left on the viewer's left).
+IMAGE_ORIENTATION = {
+    "anterior": (1, 0, 0, 0, 0, -1),
+    "posterior": (-1, 0, 0, 0, 0, -1),
+}
+# Patient position on the table (SNOMED CT, CIDs 19, 20 and 21): supine, head first.
+PATIENT_ORIENTATION = ("102538003", "recumbent")
+PATIENT_ORIENTATION_MODIFIER = ("40199007", "supine")
+PATIENT_GANTRY_RELATIONSHIP = ("102540008", "headfirst")
 
 TRACER_NAMES = {"DPD": "Tc99m DPD", "HMDP": "Tc99m HMDP", "MDP": "Tc99m MDP"}
 
@@ -81,6 +101,25 @@ def _uid(seed: str, what: str) -> UID:
     return generate_uid(entropy_srcs=[seed, what])
 
 
+@contextmanager
+def strict_values() -> Iterator[None]:
+    """Make pydicom raise on a value its VR does not allow, while a file is built and saved.
+
+    pydicom only warns by default, and writes the invalid value anyway. In pydicom 3 values
+    are checked when they are assigned, under the *reading* validation mode (the writing mode
+    covers only person-name components and character sets), so both are set to RAISE. They
+    are restored afterwards: ingest reads other people's files and must stay lenient.
+    """
+    settings = config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = config.RAISE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
+
+
+@strict_values()
 def build_dataset(views: np.ndarray, ident: FakeIdentity, head: StudyHeader) -> Dataset:
     """Build the NM dataset (uncompressed pixel data) for one patient.
 
@@ -135,6 +174,9 @@ def build_dataset(views: np.ndarray, ident: FakeIdentity, head: StudyHeader) -> 
     ds.SeriesDate = date
     ds.SeriesTime = ident.study_time
     ds.SeriesDescription = "WB ANT/POST"
+    # Whole body: an unpaired part, so no Laterality (without Body Part Examined a reader
+    # cannot tell, and dciodvfy asks for Laterality).
+    ds.BodyPartExamined = "WHOLEBODY"
     ds.PerformingPhysicianName = ident.performing_physician
     ds.OperatorsName = ident.operator
     ds.FrameOfReferenceUID = _uid(head.uid_seed, "for")
@@ -174,16 +216,27 @@ def build_dataset(views: np.ndarray, ident: FakeIdentity, head: StudyHeader) -> 
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     ds.PixelSpacing = [f"{head.pixel_mm:.4f}", f"{head.pixel_mm:.4f}"]
-    ds.SliceThickness = ""
 
-    # Multi-frame, NM multi-frame, NM detector
+    # Multi-frame, NM multi-frame (WHOLE BODY: frames indexed by energy window and detector)
     ds.NumberOfFrames = 2
-    ds.FrameIncrementPointer = [0x00540020]
+    ds.FrameIncrementPointer = [0x00540010, 0x00540020]
+    ds.EnergyWindowVector = [1, 1]
     ds.DetectorVector = [1, 2]
+
+    # NM/PET patient orientation
+    orientation = _code(*PATIENT_ORIENTATION)
+    orientation.PatientOrientationModifierCodeSequence = Sequence(
+        [_code(*PATIENT_ORIENTATION_MODIFIER)])
+    ds.PatientOrientationCodeSequence = Sequence([orientation])
+    ds.PatientGantryRelationshipCodeSequence = Sequence([_code(*PATIENT_GANTRY_RELATIONSHIP)])
+
+    # NM detector
     ds.NumberOfDetectors = 2
     detectors = []
     for view in ("anterior", "posterior"):
         item = Dataset()
+        item.ImagePositionPatient = ""  # Type 2: the table position is not modelled
+        item.ImageOrientationPatient = list(IMAGE_ORIENTATION[view])
         item.ViewCodeSequence = Sequence([_code(*VIEW_CODES[view])])
         item.CollimatorType = "PARA"
         item.CollimatorGridName = "LEHR"
@@ -226,16 +279,18 @@ def write_study(
     """Write one study to ``path`` in the requested transfer syntax.
 
     Compression uses pydicom's encoders (RLE natively or via pylibjpeg-rle, JPEG-LS via
-    pyjpegls, JPEG 2000 via pylibjpeg-openjpeg), all lossless so the counts are exact.
+    pyjpegls, JPEG 2000 via pylibjpeg-openjpeg), all lossless so the counts are exact. A value
+    its VR does not allow raises here (:func:`strict_values`) instead of being written.
     """
-    ds = build_dataset(views, ident, head)
-    tsuid = TRANSFER_SYNTAXES[transfer_syntax]
-    if tsuid.is_compressed:
-        ds.compress(tsuid, views, generate_instance_uid=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    implicit = tsuid == ImplicitVRLittleEndian
-    ds.file_meta.TransferSyntaxUID = tsuid
-    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    with strict_values():
+        ds = build_dataset(views, ident, head)
+        tsuid = TRANSFER_SYNTAXES[transfer_syntax]
+        if tsuid.is_compressed:
+            ds.compress(tsuid, views, generate_instance_uid=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        implicit = tsuid == ImplicitVRLittleEndian
+        ds.file_meta.TransferSyntaxUID = tsuid
+        ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
 
 
 def study_date_for(seed: int) -> dt.date:
