@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -36,6 +33,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tasks.common.dicom_values import strict_values
 from tasks.phantom.identity import FakeIdentity
 
 TRANSFER_SYNTAXES: dict[str, UID] = {
@@ -99,24 +97,6 @@ def _code(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
 
 def _uid(seed: str, what: str) -> UID:
     return generate_uid(entropy_srcs=[seed, what])
-
-
-@contextmanager
-def strict_values() -> Iterator[None]:
-    """Make pydicom raise on a value its VR does not allow, while a file is built and saved.
-
-    pydicom only warns by default, and writes the invalid value anyway. In pydicom 3 values
-    are checked when they are assigned, under the *reading* validation mode (the writing mode
-    covers only person-name components and character sets), so both are set to RAISE. They
-    are restored afterwards: ingest reads other people's files and must stay lenient.
-    """
-    settings = config.settings
-    saved = settings.reading_validation_mode, settings.writing_validation_mode
-    settings.reading_validation_mode = settings.writing_validation_mode = config.RAISE
-    try:
-        yield
-    finally:
-        settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 @strict_values()

@@ -16,16 +16,15 @@ same dataset is exported again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydicom import config
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
+
+from tasks.common.dicom_values import strict_values
 
 #: Multi-frame Grayscale Word Secondary Capture Image Storage.
 SC_MULTIFRAME_WORD = "1.2.840.10008.5.1.4.1.1.7.3"
@@ -33,24 +32,6 @@ MAX_STORED = 4095  # 12 bits stored: the usual NM/SC range, exact for float16 so
 SYNTHETIC_MARK = "SYNTHETIC"
 LO_MAX = 64  # characters in a Long String (LO) value
 DEIDENTIFICATION_METHOD = "synthetic image: never held patient identity"  # LO
-
-
-@contextmanager
-def strict_values() -> Iterator[None]:
-    """Make pydicom raise on a value its VR does not allow, while a file is built and saved.
-
-    pydicom only warns by default, and writes the invalid value anyway. In pydicom 3 values
-    are checked when they are assigned, under the *reading* validation mode (the writing mode
-    covers only person-name components and character sets), so both are set to RAISE. They
-    are restored afterwards: ingest reads other people's files and must stay lenient.
-    """
-    settings = config.settings
-    saved = settings.reading_validation_mode, settings.writing_validation_mode
-    settings.reading_validation_mode = settings.writing_validation_mode = config.RAISE
-    try:
-        yield
-    finally:
-        settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 def _fit_lo(prefix: str, version: str) -> str:
