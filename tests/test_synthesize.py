@@ -116,6 +116,7 @@ def test_synthesize_writes_dataset_and_dicom_that_regenerate(trained: Path,
     assert (manifest.loc[manifest["group"] == "metastasis", "metastasis"]).all()
     report = json.loads((out / "synthesis.json").read_text())
     assert report["per_group"] == {"normal": 3, "amyloid_g3": 2, "metastasis": 3}
+    assert not {"seconds", "images_per_second", "reused_shards"} & set(report)  # DVC-tracked
     assert (out / "montage.png").stat().st_size > 2_000
 
     # Any image regenerates from its manifest row alone (condition + seed + model).

@@ -175,8 +175,10 @@ def synthesize(cfg: Config) -> SynthesizeResult | None:
         "sampler": {"kind": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
                     "eta": s.eta, "seed": s.seed, "precision": resolve_precision(s)},
         "groups": [g.model_dump(mode="json") for g in s.groups],
-        "world_size": world, "reused_shards": reused, "seconds": round(seconds, 3),
-        "images_per_second": round(len(table) / max(seconds, 1e-9), 4),
+        # No timings or resume counts: this file is a DVC-tracked output, and a value that
+        # differs between two runs of the same inputs would make every later stage rerun
+        # (they go to the console and MLflow instead).
+        "world_size": world,
     }
     dicom_files = _write_dataset(Path(s.output), images, table, report,
                                  ref.version if s.dicom.enabled else None)

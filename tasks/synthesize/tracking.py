@@ -25,7 +25,8 @@ def log_synthesis(cfg: Config, result: SynthesizeResult) -> SynthesizeResult:
                               "conditions": model.get("conditions")}})
         metrics = {"images": float(result.images), "seconds": result.seconds,
                    "images_per_second": result.images_per_second,
-                   "world_size": float(result.world_size)}
+                   "world_size": float(result.world_size),
+                   "reused_shards": float(result.reused_shards)}
         metrics.update({f"images/{k}": float(v) for k, v in result.per_group.items()})
         mlflow.log_metrics(metrics)
         for name in (REPORT_NAME, "montage.png"):
