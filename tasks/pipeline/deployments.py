@@ -1,8 +1,8 @@
 """The deployments declared in prefect.yaml, read and checked before any is applied.
 
-Why our own reader: ``synthdx deploy`` applies them through Prefect's Python API (the CLI
-of prefect 3.8.8 fails against its own server, see prefect.yaml), and a wrong key should
-fail naming the deployment, before the first one reaches the server.
+Why our own reader rather than ``prefect deploy --all``: a wrong key, entrypoint, parameter
+or cron should fail naming the deployment, before the first one reaches the server;
+``synthdx deploy`` then applies the checked specs through Prefect's Python API.
 """
 
 from __future__ import annotations
