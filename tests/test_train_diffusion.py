@@ -25,7 +25,9 @@ def _cfg(tmp_path: Path, max_steps: int):
         "diffusion.network.norm_num_groups=8", "diffusion.network.num_head_channels=16",
         "diffusion.num_train_timesteps=50", "diffusion.batch_size=4", "diffusion.warmup_steps=2",
         f"diffusion.max_steps={max_steps}", "diffusion.checkpoint_every_n_steps=3",
-        "diffusion.log_every_n_steps=1", "diffusion.accelerator=cpu"])
+        "diffusion.log_every_n_steps=1", "diffusion.accelerator=cpu",
+        # DDIM steps must divide the 50 training timesteps (the config refuses 20 of 50).
+        "synthesize.steps=10"])
 
 
 def test_auto_precision_is_bf16_on_gpus_and_on_cpus_that_compute_it(monkeypatch):
@@ -124,7 +126,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 
     data = _make_dataset(tmp_path / "processed")  # 16 training rows: 8 per rank
     sets = [f"ingest.output={data}", "diffusion.devices=2", "diffusion.strategy=ddp",
-            "diffusion.max_steps=4", "diffusion.augment=false"]
+            "diffusion.max_steps=4", "diffusion.augment=false", "synthesize.steps=10"]
     cfg = _cfg(tmp_path, 4)
     args = [a for s in sets for a in ("--set", s)]
     for key in ("output", "work_dir", "image_rows", "image_cols", "num_train_timesteps",
