@@ -4,13 +4,20 @@ A processed folder (written by ingest) holds ``images.npy`` (float16, (N, 2, row
 anterior and posterior views, intensity in [0, 1]) and ``manifest.parquet`` (one row per image,
 ``index`` into the array, ``split``, labels). The array is memory-mapped, not loaded: it can be
 far larger than RAM, and each DataLoader worker opens its own map.
+
+The training loader is resumable: its sampler draws each epoch's order from the seed and the
+epoch number, each image's augmentation from the seed, the epoch and the row, and the loader's
+``state_dict`` (the epoch and how far into it training got) travels in Lightning's checkpoint.
+A run killed and resumed from a checkpoint therefore sees the same batches, augmented the same
+way, as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -18,8 +25,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader
-from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandScaleIntensity
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandAffine,
+    Randomizable,
+    RandScaleIntensity,
+)
 from monai.utils import convert_to_tensor
+from torch.utils.data import DistributedSampler
 
 from models.conditioning import ConditionSpec
 
@@ -27,6 +41,26 @@ IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.parquet"
 
 Transform = Callable[[torch.Tensor], Any]
+
+
+def mix_seed(*parts: int, bits: int = 63) -> int:
+    """A well-spread ``bits``-bit seed from integers (a seed, an epoch, a step, a rank...).
+
+    Why: randomness drawn from a generator seeded by *where* training is (epoch and row, step
+    and rank) is the same in a resumed run as in an uninterrupted one, in any worker process
+    and on any rank; a global generator's state depends on everything drawn before it and is
+    not in the checkpoint. ``SeedSequence`` hashes the parts, so neighbouring steps get
+    unrelated streams.
+    """
+    words = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(2, np.uint32)
+    return (int(words[0]) << 32 | int(words[1])) % 2**bits
+
+
+class Draw(NamedTuple):
+    """One item a ``ResumableSampler`` asks the dataset for: its row and augmentation seed."""
+
+    item: int
+    seed: int
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame:
@@ -99,7 +133,16 @@ class ProcessedImages(torch.utils.data.Dataset):
             self._images = np.load(self.images_path, mmap_mode="r")
         return self._images
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | Draw) -> dict[str, Any]:
+        """The item's image (augmented), condition codes and row ``index`` in the array.
+
+        A ``Draw`` (what ``ResumableSampler`` yields) also fixes the augmentation's random
+        state, so the same draw gives the same image in any process and after a resume.
+        """
+        if isinstance(item, Draw):
+            item, seed = item
+            if isinstance(self.transform, Randomizable):
+                self.transform.set_random_state(seed=seed)
         index = int(self.indices[item])
         image = torch.from_numpy(np.asarray(self.images[index], dtype=np.float32))
         image = resize(image, self.size)
@@ -131,11 +174,91 @@ def scan_augmentation(size: tuple[int, int]) -> Compose:
     ])
 
 
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a seeded per-epoch shuffle, yielding ``Draw`` items.
+
+    A ``DistributedSampler`` (Lightning keeps it as it is under DDP instead of wrapping it), so
+    the order is a function of ``seed`` and the epoch Lightning sets: no global random state.
+    ``start`` skips this rank's first items of the next pass, which is how a resumed loader
+    continues an epoch where the checkpoint left it.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        seed: seed of the shuffle and of the per-item augmentation seeds.
+        num_replicas: ranks sharing the data.
+        rank: this rank.
+        shuffle: shuffle each epoch (else dataset order).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, num_replicas: int = 1,
+                 rank: int = 0, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` (a new epoch starts at its beginning; the same one keeps ``start``)."""
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Draw]:  # type: ignore[override]
+        start, self.start = self.start, 0
+        for item in islice(super().__iter__(), start, None):
+            yield Draw(int(item), mix_seed(self.seed, self.epoch, int(item), bits=32))
+
+
+class ResumableDataLoader(DataLoader):
+    """MONAI's DataLoader over a ``ResumableSampler``, with ``state_dict`` / ``load_state_dict``.
+
+    Why: Lightning saves the state of every training loader that has these two methods in the
+    checkpoint (``loops.fit_loop.state_dict.combined_loader``) and hands it back on resume
+    before the first batch; without them a run resumed mid-epoch starts the epoch over in
+    another order ("your dataloader is not resumable") and ends with other weights.
+
+    The state counts the batches *handed out* in the current epoch (worker processes read
+    ahead of that), as samples over all ranks, so a resume with the same batch size and world
+    size continues exactly; another world size continues at the nearest batch.
+    """
+
+    sampler: ResumableSampler
+
+    def __init__(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler,
+                 batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=batch_size, **kwargs)
+        self.served = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        assert self.batch_size is not None
+        self.served = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the samples of it all ranks have trained on so far."""
+        assert self.batch_size is not None
+        return {"epoch": int(self.sampler.epoch),
+                "samples": self.served * self.batch_size * self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved position: the next pass starts after the trained batches."""
+        assert self.batch_size is not None
+        per_rank_batches = int(state["samples"]) // (self.batch_size * self.sampler.num_replicas)
+        epoch = int(state["epoch"])
+        if per_rank_batches >= len(self):  # saved at the end of an epoch: the next one starts
+            epoch, per_rank_batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = per_rank_batches * self.batch_size
+
+
 class DiffusionDataModule(L.LightningDataModule):
     """Train / val loaders over a processed folder, augmentation on train only.
 
-    Uses MONAI's DataLoader: it seeds MONAI's random transforms from torch's RNG in the main
-    process and per worker, so ``lightning.seed_everything`` makes augmentation reproducible.
+    The training loader is a ``ResumableDataLoader``: order and augmentation follow from
+    ``seed`` and the epoch alone, and its position is saved in Lightning's checkpoints. Under
+    DDP it takes the trainer's world size and rank itself (Lightning leaves a
+    ``DistributedSampler`` in place).
 
     Args:
         root: processed dataset folder.
@@ -146,6 +269,7 @@ class DiffusionDataModule(L.LightningDataModule):
         augment: whether to augment the training split.
         train_split: split name to train on.
         val_split: split name to validate on (None: no validation loader).
+        seed: seed of the training order and augmentation.
     """
 
     def __init__(
@@ -158,6 +282,7 @@ class DiffusionDataModule(L.LightningDataModule):
         augment: bool = True,
         train_split: str = "train",
         val_split: str | None = "val",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -168,6 +293,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.augment = augment
         self.train_split = train_split
         self.val_split = val_split
+        self.seed = seed
         self.train_set: ProcessedImages | None = None
         self.val_set: ProcessedImages | None = None
 
@@ -179,22 +305,20 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.val_split is not None:
             self.val_set = ProcessedImages(self.root, self.val_split, self.spec, self.size)
 
-    def _loader(self, dataset: ProcessedImages, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches with augmentation."""
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training batches with augmentation, resumable from a checkpoint."""
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
-        return self._loader(self.train_set, shuffle=True)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(self.train_set, self.seed, replicas, rank)
+        return ResumableDataLoader(
+            self.train_set, sampler, self.batch_size,
+            drop_last=len(sampler) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """Validation batches in manifest order (no loader when ``val_split`` is None)."""
@@ -203,4 +327,6 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
-        return self._loader(self.val_set, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)

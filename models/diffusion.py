@@ -28,6 +28,7 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from models.conditioning import ConditionEmbedding, ConditionSpec
+from models.data import mix_seed
 
 #: Images are stored in [0, 1]; the diffusion process works on [-1, 1], where the schedulers
 #: clip their x0 estimate.
@@ -216,6 +217,10 @@ class DiffusionModule(L.LightningModule):
             warm-up, so that any checkpoint of a long run is also the end of a shorter one).
         val_seed: seed of the fixed noise and timesteps used for validation, so validation
             losses are comparable across epochs and runs.
+        train_seed: seed of the training noise, timesteps and condition dropout. Each step
+            draws them from a generator seeded by ``train_seed``, the optimiser step, the batch
+            and the rank, not from the global generator: a run resumed from a checkpoint then
+            draws what the uninterrupted run drew (the global generator's state is not saved).
         prediction_type: ``epsilon`` or ``v_prediction`` (see ``diffusion_loss``).
         patch_size: pixels per side folded into channels before the UNet (see ``PatchedUNet``).
         loss_weighting: ``uniform`` (plain MSE on the prediction) or ``min_snr`` (Hang et al.
@@ -269,6 +274,7 @@ class DiffusionModule(L.LightningModule):
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         intensity_transform: str = "linear",
+        train_seed: int = 0,
         *,
         compile: bool = False,  # noqa: A002 - the name the configuration uses
         channels_last: bool = False,
@@ -386,10 +392,24 @@ class DiffusionModule(L.LightningModule):
         clipped = snr.clamp(max=float(self.hparams.get("min_snr_gamma", 5.0)))
         return clipped / snr if epsilon else clipped / (snr + 1.0)
 
+    def step_generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
+        """The generator of this training step's noise, timesteps and condition dropout.
+
+        Seeded by where training is (``train_seed``, optimiser step, batch of the epoch, rank),
+        all of which a checkpoint restores; ranks draw different noise for their shards.
+        """
+        step, rank = 0, 0
+        if self._trainer is not None:
+            step, rank = self.trainer.global_step, self.trainer.global_rank
+        gen = torch.Generator(device=device)
+        gen.manual_seed(mix_seed(int(self.hparams.get("train_seed", 0)), step, batch_idx, rank))
+        return gen
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One DDPM step; logs ``train/loss`` and the current ``lr``."""
-        cond = self.drop_condition(batch["cond"])
-        loss = self.diffusion_loss(batch["image"], cond)
+        gen = self.step_generator(batch_idx, batch["image"].device)
+        cond = self.drop_condition(batch["cond"], gen)
+        loss = self.diffusion_loss(batch["image"], cond, gen)
         b = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=b)
         if self._trainer is not None:

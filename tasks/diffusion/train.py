@@ -3,7 +3,8 @@
 Lightning does the loop: precision (bf16-mixed on a GPU or a CPU with native bf16, else
 fp32), DDP across devices and nodes, gradient clipping, EMA of the weights (``WarmupEMA``:
 Lightning's EMAWeightAveraging with a warm-up), periodic checkpoints with ``last.ckpt``, and
-resume from it with the same optimiser, EMA and step.
+resume from it with the same optimiser, EMA, step, data position and random draws (so a killed
+and resumed run ends with the weights of an uninterrupted one).
 Checkpoints live in ``diffusion.work_dir`` so a killed run keeps them; the final EMA model is
 written atomically into ``diffusion.output`` by rank 0 only. A tracking server that is down
 at the start stops the stage before anything is written; one that goes away during training
@@ -81,7 +82,7 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         intensity_transform=cfg.intensity_transform,
         cond_dropout=cfg.cond_dropout, lr=cfg.lr,
         warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed,
-        **cfg.speed.model_dump())
+        train_seed=cfg.seed, **cfg.speed.model_dump())
 
 
 def _logger(cfg: Config, run_tags: dict[str, str]) -> BufferedMLFlowLogger:
@@ -113,7 +114,7 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
     L.seed_everything(d.seed, workers=True)
     spec = ConditionSpec.from_manifest(read_manifest(processed), d.conditions)
     data = DiffusionDataModule(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
-                               d.num_workers, d.augment)
+                               d.num_workers, d.augment, seed=d.seed)
     module = build_module(d, spec)
     # ThroughputMonitor reads this to log model-FLOPs utilisation (on GPUs it knows the peak of).
     module.flops_per_batch = flops_per_batch(d, spec)
