@@ -23,6 +23,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain (click) help: typer's Rich help panel gives every flag a value type, so it read
+    # "--strict <bool>" and "--help <bool>" as if they took a value; click's help shows
+    # flags as flags ("--strict", "--resume / --no-resume").
+    rich_markup_mode=None,
 )
 
 ParamsOpt = Annotated[
@@ -30,7 +34,8 @@ ParamsOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a parameter: dotted.key=value (repeatable)."),
+    typer.Option("--set", "-s", metavar="KEY=VALUE",
+                 help="Override a parameter: dotted.key=value (repeatable)."),
 ]
 
 
@@ -217,9 +222,11 @@ def train_classifier_cmd(
     params: ParamsOpt = DEFAULT_PARAMS,
     set_: SetOpt = None,
     task: Annotated[list[str] | None, typer.Option(
-        "--task", help="Task to train (repeatable; default: classifier.tasks).")] = None,
+        "--task", metavar="TASK",
+        help="Task to train (repeatable; default: classifier.tasks).")] = None,
     regime: Annotated[list[str] | None, typer.Option(
-        "--regime", help="Training regime (repeatable; default: classifier.regimes).")] = None,
+        "--regime", metavar="REGIME",
+        help="Training regime (repeatable; default: classifier.regimes).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimiser steps per model.")] = None,
 ) -> None:
     """Train the downstream classifiers (every seed of each task x regime asked for)."""
@@ -274,7 +281,8 @@ def run_cmd(
         "--from", help="Start at this stage (or matrix group) and run everything after it.")
     ] = None,
     only: Annotated[list[str] | None, typer.Option(
-        "--only", help="Run just this stage or matrix group (repeatable).")] = None,
+        "--only", metavar="STAGE", help="Run just this stage or matrix group (repeatable).")
+    ] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Rerun the chosen stages even when they are up to date.")] = False,
     wait: Annotated[float, typer.Option(
