@@ -55,7 +55,9 @@ class LabelledImages(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
                  augment: bool = False) -> None:
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        # A copy: labels often come from a read-only Arrow-backed array, which torch would
+        # share (and warn about) rather than copy.
+        labels = torch.tensor(np.array(labels, dtype=np.float32))
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images

@@ -42,9 +42,13 @@ class ScanClassifierModel(PythonModel):
         self.threshold = float(info["threshold"])
         self.task = str(info["task"])
 
-    def predict(self, context: PythonModelContext, model_input: Any,
+    def predict(self, context: PythonModelContext, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Score images (n, 2, H, W) in [0, 1]; any H, W (area-resized to the model's size)."""
+        """Score images (n, 2, H, W) in [0, 1]; any H, W (area-resized to the model's size).
+
+        ``np.ndarray`` (anything ``np.asarray`` takes works): MLflow reads the hint, and for
+        ``Any`` it warned on every log and load that it cannot build a schema from it.
+        """
         from models.classifier import predict_scores
 
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
+from tasks.common.mlflow_logger import quiet_model_logging
 from tasks.config import Config, RegimeName
 
 CHAMPION = "champion"
@@ -71,7 +72,7 @@ def register_champions(cfg: Config, infos: list[dict[str, Any]],
         if version is None:
             folder = Path(info["path"])
             # nested: the validate run is active; reopening the training run adds no parent.
-            with mlflow.start_run(run_id=run_id, nested=True):
+            with mlflow.start_run(run_id=run_id, nested=True), quiet_model_logging():
                 logged = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),
                     artifacts={"weights": str(folder / "model.pt"),

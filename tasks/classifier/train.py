@@ -35,6 +35,7 @@ from tasks.classifier.inputs import ClassifierInputs
 from tasks.classifier.labels import task_labels
 from tasks.classifier.regimes import TrainingSet
 from tasks.classifier.threshold import choose_threshold
+from tasks.common.lightning_console import quiet_lightning
 from tasks.common.precision import auto_precision
 from tasks.config import ClassifierConfig
 
@@ -137,6 +138,7 @@ def train_model(cfg: ClassifierConfig, inputs: ClassifierInputs, training: Train
         raise ValueError(f"{training.task}/{training.regime} seed {training.seed}: the "
                          f"training set has only {'positive' if labels[0] else 'negative'} "
                          f"cases ({len(labels)} images); raise classifier.limited_fraction")
+    quiet_lightning()
     L.seed_everything(training.seed, workers=True, verbose=False)
     # Plain tensors through MONAI's transforms: its metadata tracking halves augmentation
     # speed and nothing here reads the metadata (a process-wide MONAI switch; this stage's

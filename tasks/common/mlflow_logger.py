@@ -17,11 +17,15 @@ credentials) still raise.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import time
+import warnings
 from argparse import Namespace
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +209,31 @@ class BufferedMLFlowLogger(MLFlowLogger):
                         f" ({self.dropped} oldest dropped)" if self.dropped else "")
             self._down_since = None
         return True
+
+
+@contextmanager
+def quiet_model_logging() -> Iterator[None]:
+    """Log (and register) an MLflow model without notices its user cannot act on.
+
+    MLflow asks for an ``input_example``, which it would use to load the model and run a
+    prediction just to log it (a diffusion model would sample images); the project's models
+    declare their signature instead. In a log (not a terminal) its artifact download bars are
+    a few lines of noise per registration. Both are switched off for the ``with`` block only.
+    """
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    name = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name
+    before = os.environ.get(name)
+    if not sys.stderr.isatty():
+        os.environ[name] = "false"
+    try:
+        with warnings.catch_warnings():
+            # MLflow may colour the message: an ANSI escape can come first.
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"(\x1b\[[0-9;]*m)?An input example was not provided")
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

@@ -2,6 +2,7 @@
 
 Why both: a user at a terminal wants a live bar; a scheduled run's log (a pipe) would get
 thousands of redraw frames from a bar, so there it prints a short line every 30 s instead.
+Lightning training follows the same rule (``tasks.common.lightning_console``).
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ def progress(description: str, total: int, unit: str = "items"
     yield advance
 
 
-def lightning_progress_callbacks() -> list:
-    """Lightning's Rich progress bar on a terminal; elsewhere [] (Lightning's default bar)."""
-    if not on_terminal():
-        return []
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    return [RichProgressBar(leave=True)]
+def format_duration(seconds: float) -> str:
+    """``42s``, ``7m05s`` or ``2h03m``: short enough for a log line, exact enough for an ETA."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import models.diffusion
+from tasks.common.mlflow_logger import quiet_model_logging
 from tasks.config import Config
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -33,7 +34,7 @@ def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
     # Resume the run in its own experiment: the fluent API refuses a run whose experiment is
     # not the process's active one (set by an earlier set_experiment in the same process).
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), quiet_model_logging():
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(weights)},
@@ -46,19 +47,28 @@ def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
 
 
 def _signature(weights: Path, params: dict[str, Any]) -> Any:
-    """Input: one column per condition factor + seed; output: (n, 2, H, W) float32 images."""
+    """Input: one column per condition factor + seed; output: (n, 2, H, W) float32 images.
+
+    The input schema is declared, not inferred from an example: a condition may be left out
+    (no column) or missing in a row (None: unconditioned), which an inferred integer column
+    refuses (MLflow's "Hint: Inferred schema contains integer column(s)" warned of exactly
+    that); the pyfunc coerces and checks the values itself.
+    """
     import numpy as np
-    import pandas as pd
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
 
     from models.conditioning import ConditionSpec
 
     payload = torch.load(weights, map_location="cpu", weights_only=False, mmap=True)
     spec = ConditionSpec.from_dict(payload["hparams"]["spec"])
-    example = pd.DataFrame({f.name: [f.values[0]] for f in spec.factors} | {"seed": [0]})
+    inputs = Schema([*(ColSpec(AnyType(), f.name, required=False) for f in spec.factors),
+                     ColSpec("long", "seed")])
     output = np.zeros((1, 2, *payload["image_size"]), dtype=np.float32)
-    return infer_signature(example, output, params=params)
+    rest = infer_signature(model_output=output, params=params)
+    return ModelSignature(inputs=inputs, outputs=rest.outputs, params=rest.params)
 
 
 def _version(package: str) -> str:

@@ -29,9 +29,9 @@ from models.conditioning import ConditionSpec
 from models.data import DiffusionDataModule, read_manifest
 from models.diffusion import DiffusionModule
 from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.common.lightning_console import lightning_progress_callbacks, quiet_lightning
 from tasks.common.mlflow_logger import BufferedMLFlowLogger
 from tasks.common.precision import auto_precision
-from tasks.common.progress import lightning_progress_callbacks
 from tasks.common.tracking import PARENT_ENV, TrackingUnreachable, check_tracking_server
 from tasks.config import Config, DiffusionConfig
 
@@ -85,6 +85,11 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         train_seed=cfg.seed, **cfg.speed.model_dump())
 
 
+def _batch_size(batch: dict[str, Any]) -> int:
+    """Images in a training batch (for throughput and progress)."""
+    return int(batch["image"].shape[0])
+
+
 def _logger(cfg: Config, run_tags: dict[str, str]) -> BufferedMLFlowLogger:
     import os
 
@@ -109,6 +114,7 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
             or stayed down past the end of training (the model is written, not registered).
     """
     check_tracking_server(cfg.mlflow.resolved_uri())
+    quiet_lightning()
     d = cfg.diffusion
     processed = Path(processed or cfg.ingest.output)
     L.seed_everything(d.seed, workers=True)
@@ -130,10 +136,10 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
                    DataLedger(Path(d.work_dir) / "ledger"),
                    SampleGrid(Path(d.work_dir) / "samples", d.sample_every_n_epochs,
                               seed=d.seed),
-                   ThroughputMonitor(batch_size_fn=lambda batch: int(batch["image"].shape[0]),
+                   ThroughputMonitor(batch_size_fn=_batch_size,
                                      window_size=max(2, d.log_every_n_steps)),
                    DeviceMemory(every_n_steps=d.log_every_n_steps),
-                   *lightning_progress_callbacks()],
+                   *lightning_progress_callbacks("train_diffusion", _batch_size)],
         log_every_n_steps=d.log_every_n_steps, default_root_dir=d.work_dir,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
@@ -143,7 +149,7 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - started
     # Save "last" at the very end too, so a later resume with more steps starts from here.
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)
     steps = trainer.global_step - start_step
     ips = steps * d.batch_size * trainer.world_size / max(seconds, 1e-9)
     loss = trainer.callback_metrics.get("train/loss")
