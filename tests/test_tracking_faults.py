@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.mlflow_logger import BufferedMLFlowLogger
+from tasks.common.mlflow_logger import BufferedMLFlowLogger, is_outage
 from tasks.common.tracking import (
     TrackingUnreachable,
     check_tracking_server,
@@ -48,6 +48,29 @@ def unreachable(uri: str, reason: str = "connection refused") -> str:
 
 
 # --- the check at the start of a stage -----------------------------------------------------
+
+
+def test_a_response_broken_by_the_server_dying_is_an_outage():
+    """Seen in CI: the server killed while answering a log-batch; requests raises
+    ChunkedEncodingError (IncompleteRead), which must be kept for later, not crash training."""
+    import http.client
+
+    import requests
+    import urllib3
+    from mlflow.exceptions import MlflowException
+
+    broken = urllib3.exceptions.ProtocolError(
+        "Connection broken: IncompleteRead(0 bytes read, 2 more expected)",
+        http.client.IncompleteRead(b"", 2))
+    try:
+        try:
+            raise requests.exceptions.ChunkedEncodingError(broken)
+        except requests.exceptions.ChunkedEncodingError as exc:
+            raise MlflowException("API request to http://x/api/2.0/mlflow/runs/log-batch "
+                                  f"failed with exception {exc}") from exc
+    except MlflowException as wrapped:
+        assert is_outage(wrapped)
+    assert not is_outage(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"))
 
 
 def test_dead_server_is_named_with_the_reason_and_fails_fast():

@@ -60,10 +60,17 @@ def is_outage(exc: BaseException) -> bool:
     MLflow wraps the transport error in an MlflowException; the chain tells them apart from
     a request the server understood and refused.
     """
-    import requests
+    import http.client
 
+    import requests
+    import urllib3
+
+    # A server killed while it answers breaks the response half-way: requests raises
+    # ChunkedEncodingError (urllib3's ProtocolError, IncompleteRead), not ConnectionError.
     transient = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                 requests.exceptions.RetryError, ConnectionError, TimeoutError)
+                 requests.exceptions.RetryError, requests.exceptions.ChunkedEncodingError,
+                 urllib3.exceptions.ProtocolError, http.client.IncompleteRead,
+                 ConnectionError, TimeoutError)
     return any(isinstance(item, transient) for item in exception_chain(exc))
 
 
