@@ -11,8 +11,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from tasks.common.dvc_hash import dvc_dir_hash
 from tasks.config import SplitConfig
-from tasks.ingest.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
 from tasks.ingest.labels import load_labels
 from tasks.ingest.pixels import area_resize, normalise, percentile

@@ -51,10 +51,10 @@ from tasks.audit.report import (
 )
 from tasks.audit.tstr import TARGET_RATIO, VAL_SPLIT, run_tstr, tstr_metrics
 from tasks.common.atomic import atomic_dir
+from tasks.common.dvc_hash import dvc_dir_hash
 from tasks.common.stage_metrics import stage_metrics_path
 from tasks.common.tracking import log_params, stage_run
 from tasks.config import AuditConfig, Config
-from tasks.ingest.dvc_hash import dvc_dir_hash
 
 METRICS_FILE = "audit_metrics.json"
 QUALITY_KEYS = ("fid", "precision", "recall", "density", "coverage", "two_sample_auc")

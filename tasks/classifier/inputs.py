@@ -19,8 +19,8 @@ import torch
 
 from models.classifier_data import load_images
 from models.data import IMAGES_FILE, read_manifest
+from tasks.common.dvc_hash import dvc_dir_hash
 from tasks.config import Config
-from tasks.ingest.dvc_hash import dvc_dir_hash
 
 SYNTHESIS_FILE = "synthesis.json"
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.common.dvc_hash import dvc_dir_hash
 from tasks.common.montage import write_montage
 from tasks.common.stage_metrics import stage_metrics_path
 from tasks.config import Config, IngestConfig
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
-from tasks.ingest.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
 from tasks.ingest.pseudonym import Pseudonymizer
 from tasks.ingest.quarantine import REASONS_NAME, write_quarantine
