@@ -291,11 +291,11 @@ def run_cmd(
              "(default 0: refuse at once).")] = 0.0,
 ) -> None:
     """Run the whole pipeline (dvc.yaml order): each out-of-date stage in its own process."""
+    from flows.orchestration.dag import PipelineError
+    from flows.orchestration.lock import LOCKED_EXIT_CODE, ProjectLocked, project_lock
+    from flows.orchestration.profile import set_profile
+    from flows.orchestration.run import PipelineFailed, PipelineRequest, plan
     from tasks.common.tracking import TrackingUnreachable, check_tracking_server
-    from tasks.pipeline.dag import PipelineError
-    from tasks.pipeline.lock import LOCKED_EXIT_CODE, ProjectLocked, project_lock
-    from tasks.pipeline.profile import set_profile
-    from tasks.pipeline.run import PipelineFailed, PipelineRequest, plan
 
     # Everything is checked before the project lock is taken and before anything is written:
     # the parameters as they will be (with the new profile), the stage names, the tracking
@@ -368,9 +368,9 @@ def _sigterm_exits() -> Iterator[None]:
 @app.command("status")
 def status_cmd(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Show which stages are up to date and the latest headline results."""
-    from tasks.pipeline.dag import PipelineError
-    from tasks.pipeline.state import describe_states, stage_states
-    from tasks.pipeline.summary import headline
+    from flows.orchestration.dag import PipelineError
+    from flows.orchestration.state import describe_states, stage_states
+    from flows.orchestration.summary import headline
 
     cfg = _load(params, None)
     try:
@@ -422,8 +422,8 @@ def serve_cmd(
     """
     from prefect.schedules import Cron
 
-    from tasks.pipeline.dag import PipelineError
-    from tasks.pipeline.deployments import check_cron
+    from flows.orchestration.dag import PipelineError
+    from flows.orchestration.deployments import check_cron
 
     _load(params, None)
     try:
@@ -448,8 +448,8 @@ def deploy_cmd(
         "--name", help="Apply just this deployment (repeatable; default: all).")] = None,
 ) -> None:
     """Create or update the Prefect deployments of prefect.yaml on the server in force."""
-    from tasks.pipeline.dag import PipelineError
-    from tasks.pipeline.deployments import load_deployments
+    from flows.orchestration.dag import PipelineError
+    from flows.orchestration.deployments import load_deployments
 
     try:
         load_deployments(file, Path("."))

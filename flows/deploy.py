@@ -1,6 +1,6 @@
 """Apply prefect.yaml's deployments to the Prefect server (wiring only).
 
-The spec is read and checked by tasks.pipeline.deployments; here each one becomes a
+The spec is read and checked by flows.orchestration.deployments; here each one becomes a
 deployment of this checkout's flow through Prefect's Python API (``Flow.from_source`` on the
 project folder: a process worker on this machine runs it in place).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import Flow
 from prefect.schedules import Cron
 
-from tasks.pipeline.deployments import DeploymentSpec, load_deployments
+from flows.orchestration.deployments import DeploymentSpec, load_deployments
 
 
 def apply_deployments(file: Path, root: Path, names: list[str] | None = None
@@ -22,7 +22,7 @@ def apply_deployments(file: Path, root: Path, names: list[str] | None = None
     Raises:
         PipelineError: the file is invalid or a name is not in it (nothing applied then).
     """
-    from tasks.pipeline.dag import PipelineError
+    from flows.orchestration.dag import PipelineError
 
     specs = load_deployments(file, root)
     if names:

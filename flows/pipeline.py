@@ -1,4 +1,4 @@
-"""The end-to-end Prefect pipeline flow (wiring only; the work is tasks.pipeline).
+"""The end-to-end Prefect pipeline flow (wiring only; the work is flows.orchestration).
 
 Each stage is a Prefect task whose body runs the stage as its own process
 (``dvc repro --single-item``), so every stage is also its own Prefect flow run and MLflow
@@ -14,12 +14,12 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.orchestration.lock import project_lock
+from flows.orchestration.profile import set_profile
+from flows.orchestration.run import PipelineFailed, PipelineRequest, run_pipeline
+from flows.orchestration.runner import StageFailed, run_stage_process, stage_env, stopping
+from flows.orchestration.summary import PipelineSummary
 from tasks.config import DEFAULT_PARAMS, load_config
-from tasks.pipeline.lock import project_lock
-from tasks.pipeline.profile import set_profile
-from tasks.pipeline.run import PipelineFailed, PipelineRequest, run_pipeline
-from tasks.pipeline.runner import StageFailed, run_stage_process, stage_env, stopping
-from tasks.pipeline.summary import PipelineSummary
 
 ARTIFACT_KEY = "synthdx-pipeline"
 

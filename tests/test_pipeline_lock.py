@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.pipeline.dag import PipelineError
-from tasks.pipeline.lock import (
+from flows.orchestration.dag import PipelineError
+from flows.orchestration.lock import (
     HOLDER_NAME,
     LOCKED_EXIT_CODE,
     ProjectLocked,
@@ -34,7 +34,7 @@ SYNTHDX = str(BIN / "synthdx")
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from tasks.pipeline.lock import project_lock
+    from flows.orchestration.lock import project_lock
     root, seconds, log = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     wait = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     with project_lock(root, wait=wait, command="holder"):

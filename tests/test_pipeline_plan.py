@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.pipeline.dag import PipelineError, pipeline_stages, select_stages
+from flows.orchestration.dag import PipelineError, pipeline_stages, select_stages
 from tests.conftest import REPO
 
 

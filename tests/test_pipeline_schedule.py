@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from tasks.pipeline.dag import StageInfo
-from tasks.pipeline.runner import StageFailed
-from tasks.pipeline.schedule import run_scheduled, thread_budget
+from flows.orchestration.dag import StageInfo
+from flows.orchestration.runner import StageFailed
+from flows.orchestration.schedule import run_scheduled, thread_budget
 
 
 def _stage(name: str, *upstream: str) -> StageInfo:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.pipeline.runner import (
+from flows.orchestration.runner import (
     StageInterrupted,
     begin_stages,
     run_stage_process,

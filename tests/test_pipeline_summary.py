@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.pipeline.summary import PipelineSummary, StageOutcome
+from flows.orchestration.summary import PipelineSummary, StageOutcome
 
 
 def _summary(uri: str) -> PipelineSummary:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.pipeline.dag import PipelineError
-from tasks.pipeline.deployments import load_deployments
+from flows.orchestration.dag import PipelineError
+from flows.orchestration.deployments import load_deployments
 from tests.conftest import REPO
 
 STAGE_DEPLOYMENTS = {"phantom", "ingest", "train-diffusion", "synthesize", "audit",

@@ -223,7 +223,7 @@ def test_html_headline_states_the_pooled_result_first(validation: ValidationResu
 
 def test_pipeline_headline_shows_the_pooled_delta_with_its_interval(
         validation: ValidationResult) -> None:
-    from tasks.pipeline.summary import headline, headline_metrics
+    from flows.orchestration.summary import headline, headline_metrics
 
     table, html = headline(validation.json_path.parent)
     assert table is not None and html == validation.html_path

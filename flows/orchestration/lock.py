@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from flows.orchestration.dag import PipelineError
 from tasks.common.atomic import atomic_write_text
-from tasks.pipeline.dag import PipelineError
 
 LOCK_NAME = "synthdx-run.lock"
 HOLDER_NAME = "synthdx-run.json"

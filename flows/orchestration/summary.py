@@ -157,7 +157,7 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
     Names: ``auc/<task>/<regime>/<set>`` and ``pooled_delta_auc/<task>/<with>_vs_<without>``
     with ``/ci_low`` and ``/ci_high`` beside it (MLflow metric names, ``+`` spelled out).
     """
-    from tasks.pipeline.lineage import tag_key
+    from flows.orchestration.lineage import tag_key
 
     out: dict[str, float] = {}
     for task, doc in report.get("tasks", {}).items():

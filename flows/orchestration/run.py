@@ -12,18 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.common.tracking import use_experiment
-from tasks.config import Config
-from tasks.pipeline.dag import StageInfo, pipeline_stages, select_stages, stale_reason
-from tasks.pipeline.lineage import lineage_tags, tag_key
-from tasks.pipeline.runner import StageFailed, begin_stages, stop_stages
-from tasks.pipeline.schedule import run_scheduled
-from tasks.pipeline.summary import (
+from flows.orchestration.dag import StageInfo, pipeline_stages, select_stages, stale_reason
+from flows.orchestration.lineage import lineage_tags, tag_key
+from flows.orchestration.runner import StageFailed, begin_stages, stop_stages
+from flows.orchestration.schedule import run_scheduled
+from flows.orchestration.summary import (
     PipelineSummary,
     headline,
     headline_metrics,
     load_report,
 )
+from tasks.common.tracking import use_experiment
+from tasks.config import Config
 
 RunStage = Callable[[str, bool, str | None, int], float]
 """Runs one stage: (stage, force, parent MLflow run id, CPU threads) -> seconds.

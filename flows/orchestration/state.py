@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.pipeline.dag import _describe, _open_repo, pipeline_stages
+from flows.orchestration.dag import _describe, _open_repo, pipeline_stages
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from tasks.pipeline.dag import StageInfo
-from tasks.pipeline.runner import StageFailed
-from tasks.pipeline.summary import StageOutcome
+from flows.orchestration.dag import StageInfo
+from flows.orchestration.runner import StageFailed
+from flows.orchestration.summary import StageOutcome
 
 Launch = Callable[[StageInfo, int], float]
 """Runs one stage with a thread budget (CPU threads for its process); raises StageFailed."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tasks.pipeline.dag import PipelineError
+from flows.orchestration.dag import PipelineError
 
 ALLOWED_KEYS = {"name", "description", "entrypoint", "tags", "parameters", "schedules",
                 "work_pool", "version"}
