@@ -3,29 +3,135 @@
 params.yaml is the serialisation of :class:`Config` and the only place defaults live; every
 CLI call loads it, applies ``--set dotted.key=value`` overrides and validates the result, so
 a wrong key or value fails before any work starts, with the offending key named.
+
+The models below declare types, bounds and descriptions but no default values: each section
+names its place in params.yaml (``class DiffusionConfig(_Strict, section="diffusion")``) and
+its fields take their defaults from the repository's params.yaml (``DEFAULTS_FILE``) when the
+class is created. A field with a default written in code, a field params.yaml lacks, or a key
+of params.yaml no field knows is an error at import, so code and file cannot drift apart
+(tests/test_defaults.py states the rule). Models of list items (a site, a sample group) have
+no place in params.yaml and so no defaults: every site and group spells out its values.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 DEFAULT_PARAMS = Path("params.yaml")
 PROFILES_DIR = "profiles"
+DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+"""The repository's params.yaml: the defaults of every section (``DEFAULT_PARAMS``, the file a
+command reads, is relative to the working directory and may be another project's)."""
 
 
 class ConfigError(ValueError):
     """A parameter file or override that cannot be used; the message names the key."""
 
 
+def _read_defaults() -> dict[str, Any]:
+    """The parameter tree of ``DEFAULTS_FILE``; without it no section has its defaults."""
+    try:
+        tree = yaml.safe_load(DEFAULTS_FILE.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{DEFAULTS_FILE} holds every parameter's default and cannot be "
+                          f"read ({exc}); synthdx runs from a checkout of its repository "
+                          f"(pip install -e .)") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{DEFAULTS_FILE} must hold a mapping at the top level")
+    return tree
+
+
+_DEFAULTS = _read_defaults()
+
+SECTIONS: dict[type[BaseModel], str] = {}
+"""Each section model and its dotted place in params.yaml ("" is the whole tree)."""
+
+
+def defaults_at(section: str) -> dict[str, Any]:
+    """The raw params.yaml subtree of a dotted section path ("" for the root)."""
+    node: Any = _DEFAULTS
+    for part in [p for p in section.split(".") if p]:
+        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+            raise ConfigError(f"{DEFAULTS_FILE} has no section {section!r}")
+        node = node[part]
+    return node
+
+
+def _has_code_default(value: Any) -> bool:
+    """Whether a class attribute gives its field a default (a value or Field(default=...))."""
+    if isinstance(value, FieldInfo):
+        return value.default is not PydanticUndefined or value.default_factory is not None
+    return value is not PydanticUndefined
+
+
+def _set_section_defaults(cls: type[BaseModel], section: str) -> None:
+    """Give every field of ``cls`` its default from params.yaml's ``section`` subtree.
+
+    Runs while pydantic builds the class, before it collects the fields, so each default is
+    an ordinary pydantic default (``Model()`` works, ``Model.model_fields[name].default`` is
+    the typed value). Each value is validated against the field's type here, so a bad
+    default in params.yaml fails at import, naming its key.
+
+    Raises:
+        TypeError: on a default written in code, a field params.yaml lacks, a params.yaml key
+            no field knows, or a params.yaml value the field's type refuses.
+    """
+    values = defaults_at(section)
+    namespace = vars(sys.modules[cls.__module__])
+    own = {name: ann for name, ann in cls.__dict__.get("__annotations__", {}).items()
+           if not name.startswith("_") and "ClassVar" not in str(ann)}
+    where = f"{DEFAULTS_FILE.name}: {section + '.' if section else ''}"
+    unknown = sorted(set(values) - set(own))
+    if unknown:
+        raise TypeError(f"{where}{unknown[0]} is no field of {cls.__name__}")
+    for name, annotation in own.items():
+        current = cls.__dict__.get(name, PydanticUndefined)
+        if _has_code_default(current):
+            raise TypeError(f"{cls.__name__}.{name} has a default in code; defaults live in "
+                            f"params.yaml only ({where}{name})")
+        if name not in values:
+            raise TypeError(f"{where}{name} is missing: every field of {cls.__name__} takes "
+                            f"its default from there")
+        hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation
+        try:
+            default = TypeAdapter(hint).validate_python(values[name])
+        except ValidationError as exc:
+            raise TypeError(f"{where}{name}: {values[name]!r} is not a valid default: "
+                            f"{exc.errors()[0]['msg']}") from None
+        setattr(cls, name, FieldInfo.merge_field_infos(current, default=default)
+                if isinstance(current, FieldInfo) else default)
+
+
 class _Strict(BaseModel):
-    """Base for every section: unknown keys are errors, values are checked on assignment."""
+    """Base for every section: unknown keys are errors, values are checked on assignment.
+
+    A subclass declared with ``section="dotted.path"`` takes its defaults from that subtree of
+    params.yaml (see ``_set_section_defaults``); one without has none (list items).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def __init_subclass__(cls, section: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if section is not None:
+            _set_section_defaults(cls, section)
+            SECTIONS[cls] = section
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -36,49 +142,40 @@ ConditionName = Literal["perugini_grade", "metastasis", "amyloid", "sex", "site"
 class PopulationConfig(_Strict):
     """Who is scanned at a site: demographics, habitus and disease prevalence."""
 
-    age_mean: Annotated[float, Field(ge=18, le=100)] = 68.0
-    age_sd: Annotated[float, Field(ge=0, le=30)] = 11.0
-    male_fraction: Fraction = 0.55
-    bmi_mean: Annotated[float, Field(ge=15, le=45)] = 26.5
-    bmi_sd: Annotated[float, Field(ge=0, le=10)] = 4.5
-    metastasis_prevalence: Fraction = 0.25
+    age_mean: Annotated[float, Field(ge=18, le=100)]
+    age_sd: Annotated[float, Field(ge=0, le=30)]
+    male_fraction: Fraction
+    bmi_mean: Annotated[float, Field(ge=15, le=45)]
+    bmi_sd: Annotated[float, Field(ge=0, le=10)]
+    metastasis_prevalence: Fraction
     superscan_fraction: Fraction = Field(
-        0.04, description="Share of metastatic patients whose scan is a superscan."
-    )
+        description="Share of metastatic patients whose scan is a superscan.")
     amyloid_prevalence: Fraction = Field(
-        0.10, description="Share of patients with any cardiac uptake (Perugini 1-3)."
-    )
+        description="Share of patients with any cardiac uptake (Perugini 1-3).")
     amyloid_grade_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
-        (0.35, 0.35, 0.30), description="Relative frequency of Perugini grades 1, 2 and 3."
-    )
+        description="Relative frequency of Perugini grades 1, 2 and 3.")
 
 
 class CameraConfig(_Strict):
     """How a site's gamma camera and protocol turn activity into stored pixel values."""
 
-    manufacturer: str = "Siemens"
-    model: str = "Symbia Intevo"
-    fwhm_mm_at_10cm: Annotated[float, Field(ge=3, le=25)] = 8.0
-    pixel_mm: Annotated[float, Field(ge=1.0, le=6.0)] = 2.4
+    manufacturer: str
+    model: str
+    fwhm_mm_at_10cm: Annotated[float, Field(ge=3, le=25)]
+    pixel_mm: Annotated[float, Field(ge=1.0, le=6.0)]
     counts_millions: Annotated[float, Field(gt=0.01, le=20)] = Field(
-        2.0, description="Mean total counts per view (millions) for an average patient."
-    )
-    scan_speed_cm_min: Annotated[float, Field(gt=1, le=50)] = 14.0
+        description="Mean total counts per view (millions) for an average patient.")
+    scan_speed_cm_min: Annotated[float, Field(gt=1, le=50)]
     intensity_scale: Annotated[float, Field(gt=0, le=64)] = Field(
-        1.0, description="Stored value per detected count (some consoles rescale on export)."
-    )
+        description="Stored value per detected count (some consoles rescale on export).")
     background_cps: Annotated[float, Field(ge=0, le=5)] = Field(
-        0.15, description="Room / scatter background, mean counts per pixel."
-    )
+        description="Room / scatter background, mean counts per pixel.")
     scatter_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.2, description="Share of the recorded counts that are Compton scatter accepted by "
-                         "the energy window, spread broadly (wider windows and older "
-                         "crystals accept more); it lowers the contrast of every finding."
-    )
-    tracer: Literal["DPD", "HMDP", "MDP"] = "HMDP"
-    transfer_syntax: Literal["explicit_le", "implicit_le", "rle", "jpeg_ls", "jpeg2000"] = (
-        "explicit_le"
-    )
+        description="Share of the recorded counts that are Compton scatter accepted by "
+                    "the energy window, spread broadly (wider windows and older "
+                    "crystals accept more); it lowers the contrast of every finding.")
+    tracer: Literal["DPD", "HMDP", "MDP"]
+    transfer_syntax: Literal["explicit_le", "implicit_le", "rle", "jpeg_ls", "jpeg2000"]
 
 
 class SiteConfig(_Strict):
@@ -89,27 +186,22 @@ class SiteConfig(_Strict):
     share: PositiveFloat = Field(description="Relative share of the phantom's patients.")
     institution: str
     city: str
-    camera: CameraConfig = CameraConfig()
-    population: PopulationConfig = PopulationConfig()
+    camera: CameraConfig
+    population: PopulationConfig
 
 
-def _default_sites() -> list[SiteConfig]:
-    return []
-
-
-class PhantomConfig(_Strict):
+class PhantomConfig(_Strict, section="phantom"):
     """The built-in multi-site bone-scan simulator (the demo data)."""
 
-    output: Path = Path("data/raw")
-    patients: Annotated[int, Field(ge=1, le=200_000)] = 1500
-    seed: int = 20261123
-    rows: Annotated[int, Field(ge=64, le=4096)] = 1024
-    cols: Annotated[int, Field(ge=32, le=1024)] = 256
+    output: Path
+    patients: Annotated[int, Field(ge=1, le=200_000)]
+    seed: int
+    rows: Annotated[int, Field(ge=64, le=4096)]
+    cols: Annotated[int, Field(ge=32, le=1024)]
     workers: Annotated[int, Field(ge=0, le=64)] = Field(
-        0, description="Worker processes; 0 means one per CPU core."
-    )
-    confounders: bool = True
-    sites: list[SiteConfig] = Field(default_factory=_default_sites)
+        description="Worker processes; 0 means one per CPU core.")
+    confounders: bool
+    sites: list[SiteConfig]
 
     @field_validator("sites")
     @classmethod
@@ -125,45 +217,36 @@ class PhantomConfig(_Strict):
         return sites
 
 
-class SplitConfig(_Strict):
+class SplitConfig(_Strict, section="ingest.split"):
     """Patient-level, site-aware split of the internal site."""
 
-    val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.15
-    test_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.20
-    seed: int = 17
+    val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)]
+    test_fraction: Annotated[float, Field(ge=0.0, lt=0.5)]
+    seed: int
 
 
-class IngestConfig(_Strict):
+class IngestConfig(_Strict, section="ingest"):
     """DICOM archive + labels CSV to a de-identified, normalised dataset."""
 
-    source: Path = Path("data/raw/dicom")
-    labels: Path = Path("data/raw/labels.csv")
-    output: Path = Path("data/processed")
+    source: Path
+    labels: Path
+    output: Path
     quarantine: Path = Field(
-        Path("data/quarantine"),
-        description="Untouched copies of rejected files; holds identity, so never versioned.",
-    )
-    image_rows: Annotated[int, Field(ge=16, le=4096)] = 256
-    image_cols: Annotated[int, Field(ge=8, le=1024)] = 64
+        description="Untouched copies of rejected files; holds identity, so never versioned.")
+    image_rows: Annotated[int, Field(ge=16, le=4096)]
+    image_cols: Annotated[int, Field(ge=8, le=1024)]
     intensity_percentile: Annotated[float, Field(gt=50, le=100)] = Field(
-        99.5,
-        description="This percentile of the area-averaged counts (both views) maps to 0.5.",
-    )
+        description="This percentile of the area-averaged counts (both views) maps to 0.5.")
     workers: Annotated[int, Field(ge=0, le=64)] = Field(
-        0, description="Worker processes; 0 means one per CPU core."
-    )
-    strict: bool = False
+        description="Worker processes; 0 means one per CPU core.")
+    strict: bool
     key_env: str = Field(
-        "SYNTHDX_PSEUDONYM_KEY",
-        description="Environment variable holding the pseudonymisation key (never in the repo).",
-    )
+        description="Environment variable holding the pseudonymisation key (never in the repo).")
     key_file: Path | None = Field(
-        None, description="Alternative: a file outside the repository holding the key."
-    )
+        description="Alternative: a file outside the repository holding the key.")
     internal_site: str | None = Field(
-        None, description="Internal site name; default: the phantom's internal site."
-    )
-    split: SplitConfig = SplitConfig()
+        description="Internal site name; default: the phantom's internal site.")
+    split: SplitConfig
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestConfig:
@@ -172,17 +255,17 @@ class IngestConfig(_Strict):
         return self
 
 
-class DiffusionNetworkConfig(_Strict):
+class DiffusionNetworkConfig(_Strict, section="diffusion.network"):
     """MONAI DiffusionModelUNet shape (2-D, the two views as channels)."""
 
-    channels: list[Annotated[int, Field(ge=4)]] = [32, 64, 64]
-    attention_levels: list[bool] = [False, False, True]
-    num_res_blocks: Annotated[int, Field(ge=1, le=8)] = 1
-    num_head_channels: Annotated[int, Field(ge=4)] = 32
-    norm_num_groups: Annotated[int, Field(ge=1)] = 16
+    channels: list[Annotated[int, Field(ge=4)]]
+    attention_levels: list[bool]
+    num_res_blocks: Annotated[int, Field(ge=1, le=8)]
+    num_head_channels: Annotated[int, Field(ge=4)]
+    norm_num_groups: Annotated[int, Field(ge=1)]
     patch_size: Literal[1, 2, 4] = Field(
-        1, description="Pixels per side folded into channels before the UNet (space-to-depth): "
-                       "2 gives a quarter of the positions, so a wider network at the same cost.")
+        description="Pixels per side folded into channels before the UNet (space-to-depth): "
+                    "2 gives a quarter of the positions, so a wider network at the same cost.")
 
     @model_validator(mode="after")
     def _levels(self) -> DiffusionNetworkConfig:
@@ -193,67 +276,75 @@ class DiffusionNetworkConfig(_Strict):
         return self
 
 
-class DiffusionSpeedConfig(_Strict):
+class DiffusionSpeedConfig(_Strict, section="diffusion.speed"):
     """Speed options: same model and checkpoints, faster steps (see models/diffusion.py).
 
     All off in the CPU demo; the GPU profile turns them on (benchmarks/bench_diffusion.py
     measures what each buys).
     """
 
-    compile: bool = Field(False, description="torch.compile the UNet when fitting starts.")
-    channels_last: bool = False
-    flash_attention: bool = Field(False, description="PyTorch fused SDPA attention.")
-    fused_adamw: bool | None = Field(None, description="null: fused AdamW on CUDA only.")
-    tf32: bool = False
-    cudnn_benchmark: bool = False
+    compile: bool = Field(description="torch.compile the UNet when fitting starts.")
+    channels_last: bool
+    flash_attention: bool = Field(description="PyTorch fused SDPA attention.")
+    fused_adamw: bool | None = Field(description="null: fused AdamW on CUDA only.")
+    tf32: bool
+    cudnn_benchmark: bool
 
 
-class DiffusionConfig(_Strict):
+class DiffusionConfig(_Strict, section="diffusion"):
     """Class-conditional diffusion training (stage train_diffusion)."""
 
-    output: Path = Field(Path("data/diffusion"), description="Final model (DVC output).")
-    work_dir: Path = Field(Path("data/diffusion_work"),
-                           description="Checkpoints kept across killed runs, for resume.")
-    image_rows: Annotated[int, Field(ge=16, le=2048)] = 128
-    image_cols: Annotated[int, Field(ge=8, le=512)] = 32
-    conditions: list[ConditionName] = ["perugini_grade", "metastasis"]
-    cond_dropout: Fraction = 0.1
-    network: DiffusionNetworkConfig = DiffusionNetworkConfig()
-    num_train_timesteps: Annotated[int, Field(ge=10, le=4000)] = 1000
-    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = "scaled_linear_beta"
+    output: Path = Field(description="Final model (DVC output).")
+    work_dir: Path = Field(description="Checkpoints kept across killed runs, for resume.")
+    image_rows: Annotated[int, Field(ge=16, le=2048)]
+    image_cols: Annotated[int, Field(ge=8, le=512)]
+    conditions: list[ConditionName]
+    cond_dropout: Fraction
+    network: DiffusionNetworkConfig
+    num_train_timesteps: Annotated[int, Field(ge=10, le=4000)]
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta"] = Field(
+        description="MONAI noise schedule (models.diffusion.make_scheduler); with beta_start "
+                    "and beta_end it is saved with the model, and sampling uses the saved one.")
+    beta_start: PositiveFloat = Field(description="The schedule's first beta.")
+    beta_end: PositiveFloat = Field(description="The schedule's last beta.")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
-        "v_prediction", description="What the UNet predicts; velocity trains the high-noise "
-                                    "end faster, which short runs need.")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
-    lr: PositiveFloat = 2e-4
+        description="What the UNet predicts; velocity trains the high-noise "
+                    "end faster, which short runs need.")
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    lr: PositiveFloat
+    weight_decay: Annotated[float, Field(ge=0.0)] = Field(description="AdamW weight decay.")
     min_lr_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        0.05, description="Final learning rate of the cosine decay as a fraction of lr "
-                          "(1.0: constant after warm-up).")
+        description="Final learning rate of the cosine decay as a fraction of lr "
+                    "(1.0: constant after warm-up).")
     loss_weighting: Literal["uniform", "min_snr"] = Field(
-        "uniform", description="min_snr: Min-SNR-gamma timestep weighting (faster convergence).")
-    min_snr_gamma: PositiveFloat = 5.0
+        description="min_snr: Min-SNR-gamma timestep weighting (faster convergence).")
+    min_snr_gamma: PositiveFloat
     intensity_transform: Literal["linear", "sqrt"] = Field(
-        "linear", description="sqrt: the model works on the square root of the intensities "
-                              "(Poisson variance stabilisation; a dark, clean background).")
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
-    max_steps: Annotated[int, Field(ge=1)] = 400
-    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    gradient_clip_val: Annotated[float, Field(ge=0.0)] = 1.0
+        description="sqrt: the model works on the square root of the intensities "
+                    "(Poisson variance stabilisation; a dark, clean background).")
+    warmup_steps: Annotated[int, Field(ge=0)]
+    max_steps: Annotated[int, Field(ge=1)]
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
+    gradient_clip_val: Annotated[float, Field(ge=0.0)]
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU or a CPU with native bf16, else 32-true.")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    devices: int | Literal["auto"] = 1
-    num_nodes: Annotated[int, Field(ge=1)] = 1
-    strategy: str = "auto"
-    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
-    checkpoint_every_n_steps: Annotated[int, Field(ge=1)] = 100
-    log_every_n_steps: Annotated[int, Field(ge=1)] = 10
+        description="auto: bf16-mixed on a GPU or a CPU with native bf16, else 32-true.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"]
+    devices: int | Literal["auto"]
+    num_nodes: Annotated[int, Field(ge=1)]
+    strategy: str
+    num_workers: Annotated[int, Field(ge=0, le=64)]
+    checkpoint_every_n_steps: Annotated[int, Field(ge=1)]
+    log_every_n_steps: Annotated[int, Field(ge=1)]
     sample_every_n_epochs: Annotated[int, Field(ge=1)] = Field(
-        5, description="A grid of samples per class goes to MLflow this often (and at the end).")
-    resume: bool = True
-    augment: bool = True
-    seed: int = 1234
-    speed: DiffusionSpeedConfig = DiffusionSpeedConfig()
+        description="A grid of samples per class goes to MLflow this often (and at the end).")
+    resume: bool
+    augment: bool
+    seed: int
+    speed: DiffusionSpeedConfig
+    registered_model_name: str | None = Field(
+        description="MLflow registered model the final EMA model becomes a version of "
+                    "(null: log nothing to the registry).")
+
     @model_validator(mode="after")
     def _divisible(self) -> DiffusionConfig:
         step = self.network.patch_size * 2 ** (len(self.network.channels) - 1)
@@ -263,11 +354,12 @@ class DiffusionConfig(_Strict):
                              f"{self.image_cols}")
         return self
 
-    registered_model_name: str | None = Field(
-        "synthdx-bone-scan-diffusion",
-        description="MLflow registered model the final EMA model becomes a version of "
-                    "(null: log nothing to the registry).")
-
+    @model_validator(mode="after")
+    def _betas(self) -> DiffusionConfig:
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ValueError(f"the noise schedule needs 0 < beta_start < beta_end < 1, got "
+                             f"beta_start {self.beta_start}, beta_end {self.beta_end}")
+        return self
 
 
 class SampleGroup(_Strict):
@@ -281,41 +373,41 @@ class SampleGroup(_Strict):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     count: Annotated[int, Field(ge=0, le=10_000_000)]
-    condition: dict[ConditionName, int | bool | str] = Field(default_factory=dict)
+    condition: dict[ConditionName, int | bool | str] = Field(
+        default_factory=dict,
+        description="Condition values asked for; a factor left out is drawn from the "
+                    "training labels (empty: all of them). A list item has no place in "
+                    "params.yaml, so this, the meaning of an omitted mapping, is the one "
+                    "default written in code (tests/test_defaults.py names it).")
 
 
-def _default_groups() -> list[SampleGroup]:
-    return [SampleGroup(name="all", count=100)]
-
-
-class SynthesizeDicomConfig(_Strict):
+class SynthesizeDicomConfig(_Strict, section="synthesize.dicom"):
     """Optional DICOM export (Multi-frame Grayscale Word SC, SYN) into ``<output>/dicom/``."""
 
-    enabled: bool = False
+    enabled: bool
 
 
-class SynthesizeConfig(_Strict):
+class SynthesizeConfig(_Strict, section="synthesize"):
     """Sampling a synthetic dataset from the trained model (stage synthesize)."""
 
-    model: Path | None = Field(None, description="Trained model folder; default diffusion.output.")
-    output: Path = Path("data/synthetic")
-    work_dir: Path = Field(Path("data/synthetic_work"),
-                           description="Per-rank shards of a distributed run before the merge.")
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: Annotated[int, Field(ge=1, le=4000)] = 50
-    guidance_scale: Annotated[float, Field(ge=0.0, le=50.0)] = 3.0
-    eta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    model: Path | None = Field(description="Trained model folder; default diffusion.output.")
+    output: Path
+    work_dir: Path = Field(description="Per-rank shards of a distributed run before the merge.")
+    sampler: Literal["ddim", "ddpm"]
+    steps: Annotated[int, Field(ge=1, le=4000)]
+    guidance_scale: Annotated[float, Field(ge=0.0, le=50.0)]
+    eta: Annotated[float, Field(ge=0.0, le=1.0)]
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
     seed: Annotated[int, Field(ge=0, lt=2**40)] = Field(
-        7_000_000, description="Image i of the plan gets seed + i: any image can be regenerated.")
-    groups: list[SampleGroup] = Field(default_factory=_default_groups)
+        description="Image i of the plan gets seed + i: any image can be regenerated.")
+    groups: list[SampleGroup]
     precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32.")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    devices: int | Literal["auto"] = 1
-    num_nodes: Annotated[int, Field(ge=1)] = 1
-    strategy: str = "auto"
-    dicom: SynthesizeDicomConfig = SynthesizeDicomConfig()
+        description="auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"]
+    devices: int | Literal["auto"]
+    num_nodes: Annotated[int, Field(ge=1)]
+    strategy: str
+    dicom: SynthesizeDicomConfig
 
     @field_validator("groups")
     @classmethod
@@ -328,26 +420,26 @@ class SynthesizeConfig(_Strict):
         return groups
 
 
-class AuditEncoderConfig(_Strict):
+class AuditEncoderConfig(_Strict, section="audit.encoder"):
     """The in-domain feature encoder trained on the real training split (nothing downloaded)."""
 
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 8
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
-    lr: PositiveFloat = 1e-3
-    feature_dim: Annotated[int, Field(ge=8, le=4096)] = 128
-    seed: int = 99
+    epochs: Annotated[int, Field(ge=1, le=1000)]
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    lr: PositiveFloat
+    feature_dim: Annotated[int, Field(ge=8, le=4096)]
+    seed: int
 
 
-class AuditPrivacyConfig(_Strict):
+class AuditPrivacyConfig(_Strict, section="audit.privacy"):
     """Nearest-neighbour memorisation check against the training images."""
 
     quantile: Annotated[float, Field(gt=0.5, le=1.0)] = Field(
-        0.99, description="Threshold = this quantile of held-out real images' nearest-"
-                          "training-image similarity; synthetic images above it are withheld.")
-    pairs_shown: Annotated[int, Field(ge=1, le=64)] = 8
+        description="Threshold = this quantile of held-out real images' nearest-"
+                    "training-image similarity; synthetic images above it are withheld.")
+    pairs_shown: Annotated[int, Field(ge=1, le=64)]
 
 
-class AuditTstrConfig(_Strict):
+class AuditTstrConfig(_Strict, section="audit.tstr"):
     """Train-on-synthetic / test-on-real: the synthetic set's downstream usefulness.
 
     Per task (amyloidosis, metastasis) one small CNN is trained on the synthetic set and one,
@@ -357,35 +449,33 @@ class AuditTstrConfig(_Strict):
     """
 
     steps: Annotated[int, Field(ge=0, le=100_000)] = Field(
-        250, description="Optimiser steps of each of the four classifiers (0: TSTR off).")
+        description="Optimiser steps of each of the four classifiers (0: TSTR off).")
     batch_size: Annotated[int, Field(ge=2, le=4096)] = Field(
-        32, description="Images per step, half positive (balanced sampling).")
-    lr: PositiveFloat = 1e-3
-    seed: int = 17
+        description="Images per step, half positive (balanced sampling).")
+    lr: PositiveFloat
+    seed: int
 
 
-class AuditConfig(_Strict):
+class AuditConfig(_Strict, section="audit"):
     """Quality and privacy audit of the synthetic set (stage audit)."""
 
-    synthetic: Path | None = Field(
-        None, description="Synthetic dataset; default synthesize.output.")
-    output: Path = Field(Path("data/audit"),
-                         description="audit.json, withheld list, pictures and released/.")
-    encoder: AuditEncoderConfig = AuditEncoderConfig()
-    privacy: AuditPrivacyConfig = AuditPrivacyConfig()
+    synthetic: Path | None = Field(description="Synthetic dataset; default synthesize.output.")
+    output: Path = Field(description="audit.json, withheld list, pictures and released/.")
+    encoder: AuditEncoderConfig
+    privacy: AuditPrivacyConfig
     nearest_k: Annotated[int, Field(ge=1, le=100)] = Field(
-        5, description="k of the k-NN manifolds for precision / recall / coverage.")
+        description="k of the k-NN manifolds for precision / recall / coverage.")
     max_real: Annotated[int, Field(ge=10)] = Field(
-        5000, description="At most this many real training images enter the quality metrics.")
+        description="At most this many real training images enter the quality metrics.")
     msssim_pairs: Annotated[int, Field(ge=2)] = Field(
-        200, description="Random same-class pairs per class for MS-SSIM diversity.")
-    two_sample_folds: Annotated[int, Field(ge=2, le=20)] = 5
+        description="Random same-class pairs per class for MS-SSIM diversity.")
+    two_sample_folds: Annotated[int, Field(ge=2, le=20)]
     pixel_critic_steps: Annotated[int, Field(ge=0, le=100_000)] = Field(
-        80, description="Optimiser steps (batches of encoder.batch_size) of the small CNN "
-                        "telling real from synthetic pixels, per cross-validation fold; "
-                        "0 skips that test (features only).")
-    tstr: AuditTstrConfig = AuditTstrConfig()
-    seed: int = 4242
+        description="Optimiser steps (batches of encoder.batch_size) of the small CNN "
+                    "telling real from synthetic pixels, per cross-validation fold; "
+                    "0 skips that test (features only).")
+    tstr: AuditTstrConfig
+    seed: int
 
 
 TaskName = Literal["amyloidosis", "metastasis"]
@@ -393,15 +483,15 @@ RegimeName = Literal["real", "real_limited", "synthetic", "real_limited+syntheti
                      "real+synthetic"]
 
 
-class ClassifierNetworkConfig(_Strict):
+class ClassifierNetworkConfig(_Strict, section="classifier.network"):
     """The downstream network: a MONAI 2-D ResNet (widths and depth set here) or DenseNet121."""
 
-    architecture: Literal["resnet", "densenet121"] = "resnet"
+    architecture: Literal["resnet", "densenet121"]
     layers: list[Annotated[int, Field(ge=1, le=64)]] = Field(
-        [1, 1, 1, 1], description="ResNet basic blocks per stage ([2, 2, 2, 2] is ResNet-18).")
+        description="ResNet basic blocks per stage ([2, 2, 2, 2] is ResNet-18).")
     widths: list[Annotated[int, Field(ge=4, le=2048)]] = Field(
-        [16, 32, 64, 128], description="ResNet channels per stage.")
-    dropout: Fraction = 0.2
+        description="ResNet channels per stage.")
+    dropout: Fraction
 
     @model_validator(mode="after")
     def _stages(self) -> ClassifierNetworkConfig:
@@ -411,79 +501,74 @@ class ClassifierNetworkConfig(_Strict):
         return self
 
 
-class ClassifierConfig(_Strict):
+class ClassifierConfig(_Strict, section="classifier"):
     """Downstream classifiers per task and training regime (stage train_classifier)."""
 
-    processed: Path | None = Field(None, description="Real dataset; default ingest.output.")
+    processed: Path | None = Field(description="Real dataset; default ingest.output.")
     synthetic: Path | None = Field(
-        None, description="Audited synthetic set; default <audit.output>/released.")
-    output: Path = Field(Path("data/classifiers"),
-                         description="<output>/<task>/<regime>/seed<k>/ per model.")
-    tasks: list[TaskName] = ["amyloidosis", "metastasis"]
-    regimes: list[RegimeName] = ["real", "real_limited", "synthetic", "real_limited+synthetic",
-                                 "real+synthetic"]
+        description="Audited synthetic set; default <audit.output>/released.")
+    output: Path = Field(description="<output>/<task>/<regime>/seed<k>/ per model.")
+    tasks: list[TaskName]
+    regimes: list[RegimeName]
     seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
-        [0, 1, 2], description="One model per seed and regime; differences between regimes are "
-                               "judged against the spread between seeds.")
+        description="One model per seed and regime; differences between regimes are "
+                    "judged against the spread between seeds.")
     limited_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        0.1, description="real_limited: this stratified fraction of the internal training "
-                         "split (drawn per seed, the same draw in every regime using it).")
+        description="real_limited: this stratified fraction of the internal training "
+                    "split (drawn per seed, the same draw in every regime using it).")
     synthetic_per_real: Annotated[float, Field(ge=0.0, le=1000.0)] | None = Field(
-        None, description="The dose of synthetic data: regimes adding synthetic images to "
-                          "real ones take round(ratio x n_real) of them (n_real: the regime's "
-                          "real images; the limited draw's size for 'synthetic'), drawn per "
-                          "seed with the released set's class mix; 0: none; null: the whole "
-                          "released set.")
+        description="The dose of synthetic data: regimes adding synthetic images to "
+                    "real ones take round(ratio x n_real) of them (n_real: the regime's "
+                    "real images; the limited draw's size for 'synthetic'), drawn per "
+                    "seed with the released set's class mix; 0: none; null: the whole "
+                    "released set.")
     image_rows: Annotated[int, Field(ge=16, le=2048)] | None = Field(
-        None, description="Input size; default the synthetic set's size (real images are "
-                          "area-resized to it, so real and synthetic share one resolution).")
-    image_cols: Annotated[int, Field(ge=8, le=512)] | None = None
-    network: ClassifierNetworkConfig = ClassifierNetworkConfig()
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+        description="Input size; default the synthetic set's size (real images are "
+                    "area-resized to it, so real and synthetic share one resolution).")
+    image_cols: Annotated[int, Field(ge=8, le=512)] | None
+    network: ClassifierNetworkConfig
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
     max_steps: Annotated[int, Field(ge=1)] = Field(
-        300, description="Optimiser steps per model: the same budget in every regime.")
+        description="Optimiser steps per model: the same budget in every regime.")
     val_every_n_steps: Annotated[int, Field(ge=1)] = Field(
-        50, description="Validate (AUC on the internal validation split) every N steps; the "
-                        "best weights by that AUC are kept.")
-    warmup_steps: Annotated[int, Field(ge=0)] = 20
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+        description="Validate (AUC on the internal validation split) every N steps; the "
+                    "best weights by that AUC are kept.")
+    warmup_steps: Annotated[int, Field(ge=0)]
+    lr: PositiveFloat
+    weight_decay: Annotated[float, Field(ge=0.0)]
     class_balance: Literal["sampler", "pos_weight", "none"] = Field(
-        "sampler", description="sampler: each batch half positives (rare findings); "
-                               "pos_weight: weighted loss.")
-    augment: bool = True
+        description="sampler: each batch half positives (rare findings); "
+                    "pos_weight: weighted loss.")
+    augment: bool
     threshold: Literal["youden", "sensitivity_90", "balanced_accuracy"] = Field(
-        "youden", description="How the operating threshold is picked on the internal "
-                              "validation split (never on test or external data).")
+        description="How the operating threshold is picked on the internal "
+                    "validation split (never on test or external data).")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU or a CPU with native bf16, else 32-true.")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    devices: int | Literal["auto"] = 1
-    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+        description="auto: bf16-mixed on a GPU or a CPU with native bf16, else 32-true.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"]
+    devices: int | Literal["auto"]
+    num_workers: Annotated[int, Field(ge=0, le=64)]
     registered_model_prefix: str | None = Field(
-        "synthdx-classifier", description="The best model per task (internal validation AUC) "
-                                          "is registered as <prefix>-<task> with alias "
-                                          "'champion' by the validate stage (null: no "
-                                          "registry).")
+        description="The best model per task (internal validation AUC) "
+                    "is registered as <prefix>-<task> with alias "
+                    "'champion' by the validate stage (null: no "
+                    "registry).")
 
 
-class ValidateConfig(_Strict):
+class ValidateConfig(_Strict, section="validation"):
     """Every classifier on the internal test split and each external site (stage validate)."""
 
-    classifiers: Path | None = Field(None, description="Default classifier.output.")
-    output: Path = Field(Path("reports"), description="validation.json, validation.html, "
-                                                      "validation_metrics.json, validation/.")
+    classifiers: Path | None = Field(description="Default classifier.output.")
+    output: Path = Field(description="validation.json, validation.html, "
+                                     "validation_metrics.json, validation/.")
     bootstrap: Annotated[int, Field(ge=100, le=100_000)] = Field(
-        1000, description="Stratified bootstrap resamples for the AUC confidence interval.")
-    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
-    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 10
-    age_bands: list[float] = Field(
-        [0, 60, 70, 80, 150], description="Edges of the age bands of the subgroup table.")
+        description="Stratified bootstrap resamples for the AUC confidence interval.")
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)]
+    calibration_bins: Annotated[int, Field(ge=2, le=100)]
+    age_bands: list[float] = Field(description="Edges of the age bands of the subgroup table.")
     comparisons: list[tuple[RegimeName, RegimeName]] = Field(
-        [("real_limited+synthetic", "real_limited"), ("real+synthetic", "real"),
-         ("synthetic", "real_limited")],
         description="(with, without) regime pairs compared case by case (DeLong).")
-    seed: int = 31337
+    seed: int
 
     @field_validator("age_bands")
     @classmethod
@@ -493,11 +578,11 @@ class ValidateConfig(_Strict):
         return edges
 
 
-class MlflowConfig(_Strict):
+class MlflowConfig(_Strict, section="mlflow"):
     """Where runs are tracked; MLFLOW_TRACKING_URI overrides the default SQLite store."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "synthdx"
+    tracking_uri: str
+    experiment: str
 
     def resolved_uri(self) -> str:
         """Return the tracking URI in force: the environment wins over params.
@@ -508,33 +593,33 @@ class MlflowConfig(_Strict):
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(_Strict, section="pipeline"):
     """How ``synthdx run`` runs the stages (no stage depends on it: changing it reruns nothing)."""
 
     retries: Annotated[int, Field(ge=0, le=10)] = Field(
-        1, description="Extra attempts for a stage that fails (a flaky worker, a full disk).")
-    retry_delay_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+        description="Extra attempts for a stage that fails (a flaky worker, a full disk).")
+    retry_delay_seconds: Annotated[float, Field(ge=0, le=3600)]
     max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
-        2, description="Most stages run at once when the DAG allows (the classifier matrix); "
-                       "CPU threads are shared out between them.")
+        description="Most stages run at once when the DAG allows (the classifier matrix); "
+                    "CPU threads are shared out between them.")
 
 
-class Config(_Strict):
+class Config(_Strict, section=""):
     """The whole parameter tree (params.yaml)."""
 
     profile: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = Field(
-        "demo", description="Overrides from profiles/<profile>.yaml applied over this file "
-                            "(demo: none, this file is the demo).")
-    reports_dir: Path = Path("reports")
-    mlflow: MlflowConfig = MlflowConfig()
+        description="Overrides from profiles/<profile>.yaml applied over this file "
+                    "(demo: none, this file is the demo).")
+    reports_dir: Path
+    mlflow: MlflowConfig
     phantom: PhantomConfig
-    ingest: IngestConfig = IngestConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    synthesize: SynthesizeConfig = SynthesizeConfig()
-    audit: AuditConfig = AuditConfig()
-    classifier: ClassifierConfig = ClassifierConfig()
-    validation: ValidateConfig = ValidateConfig()
-    pipeline: PipelineConfig = PipelineConfig()
+    ingest: IngestConfig
+    diffusion: DiffusionConfig
+    synthesize: SynthesizeConfig
+    audit: AuditConfig
+    classifier: ClassifierConfig
+    validation: ValidateConfig
+    pipeline: PipelineConfig
 
     @model_validator(mode="after")
     def _sampler_steps(self) -> Config:
