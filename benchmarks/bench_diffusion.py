@@ -336,7 +336,8 @@ def plain_train(setup: Setup, batch: int, warmup: int, steps: int, micro: int,
                 seed: int) -> dict[str, Any]:
     """Plain fp32 eager loop: images/s over ``steps`` after ``warmup`` optimizer steps."""
     import torch.nn.functional as F
-    from monai.networks.schedulers import DDPMScheduler
+
+    from models.diffusion import make_scheduler
 
     device = setup.device
     _reset_memory(device)
@@ -344,7 +345,7 @@ def plain_train(setup: Setup, batch: int, warmup: int, steps: int, micro: int,
     unet = setup.unet().to(device)
     hp = setup.hparams
     optimizer = torch.optim.AdamW(unet.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    scheduler = DDPMScheduler(**setup.schedule())
+    scheduler = make_scheduler("ddpm", **setup.schedule())
     null = torch.tensor(setup.spec.null_indices, device=device)
     p_drop = float(hp["cond_dropout"])
     timesteps = scheduler.num_train_timesteps
@@ -516,10 +517,10 @@ def _seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 def plain_sample_once(unet: torch.nn.Module, setup: Setup, cond: torch.Tensor,
                       seeds: list[int], steps: int) -> torch.Tensor:
     """Naive DDIM with guidance: separate conditional and unconditional passes per step."""
-    from monai.networks.schedulers import DDIMScheduler
+    from models.diffusion import make_scheduler
 
     device = setup.device
-    scheduler = DDIMScheduler(**setup.schedule())
+    scheduler = make_scheduler("ddim", **setup.schedule())
     scheduler.set_timesteps(steps)
     null = torch.tensor(setup.spec.null_indices, device=device).expand(len(seeds), -1)
     cond = cond.to(device)

@@ -1,9 +1,10 @@
 """The conditional diffusion network and its Lightning training module.
 
 The network is MONAI's DiffusionModelUNet with its single-factor class embedding swapped for
-``ConditionEmbedding`` (several factors at once, each with a null index). Training is standard
-DDPM epsilon prediction with condition dropout, so a single model provides both the conditional
-and the unconditional noise estimate that classifier-free guidance combines at sampling time.
+``ConditionEmbedding`` (several factors at once, each with a null index). Training is DDPM
+(epsilon or velocity prediction) with condition dropout, so a single model provides both the
+conditional and the unconditional estimate that classifier-free guidance combines at sampling
+time. The noise schedule is built by ``make_scheduler`` for training and sampling alike.
 
 Speed options (all off by default except fused AdamW on CUDA; none of them changes the model's
 weights, its checkpoints or what it computes beyond floating-point rounding, so none is a
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from models.conditioning import ConditionEmbedding, ConditionSpec
@@ -184,6 +185,50 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 """What the network predicts (MONAI scheduler ``prediction_type``)."""
 
+NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "schedule", "beta_start", "beta_end",
+                       "prediction_type")
+"""The arguments of ``make_scheduler`` that a trained model fixes (``noise_schedule``)."""
+
+
+def make_scheduler(
+    kind: Literal["ddim", "ddpm"],
+    *,
+    num_train_timesteps: int,
+    schedule: str,
+    beta_start: float,
+    beta_end: float,
+    prediction_type: str,
+) -> DDIMScheduler | DDPMScheduler:
+    """The one place a MONAI noise scheduler is built, for training and for sampling.
+
+    Why one function: the betas a model is trained with must be the betas it is sampled
+    with, or every reverse step removes the wrong amount of noise; training
+    (``DiffusionModule``) and sampling (``models.sampling.sample``) both build their
+    scheduler here from the model's ``noise_schedule``, which comes from the diffusion
+    section of the configuration and is saved with the model.
+
+    Args:
+        kind: ``ddpm`` (training, and stochastic sampling over every timestep) or ``ddim``.
+        num_train_timesteps: length of the forward noising chain.
+        schedule: MONAI schedule name (``linear_beta``, ``scaled_linear_beta``,
+            ``sigmoid_beta``).
+        beta_start: first beta of the schedule.
+        beta_end: last beta of the schedule.
+        prediction_type: what the network predicts (``PREDICTION_TYPES``).
+
+    Raises:
+        ValueError: an unknown ``kind`` or ``prediction_type``.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
+                         f"got {prediction_type!r}")
+    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    if kind not in classes:
+        raise ValueError(f"scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")
+    return classes[kind](num_train_timesteps=num_train_timesteps, schedule=schedule,
+                         beta_start=beta_start, beta_end=beta_end,
+                         prediction_type=prediction_type)
+
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 """How the per-timestep losses are weighted (``DiffusionModule.loss_weighting``)."""
 
@@ -248,6 +293,16 @@ class DiffusionModule(L.LightningModule):
     The speed options are not saved as hyper-parameters: they change neither the weights nor
     the checkpoint format, so a run may be resumed with them switched and a saved model is
     rebuilt without them.
+
+    The argument defaults are not the pipeline's defaults (params.yaml holds those): the
+    pipeline passes every argument from the diffusion section of the configuration
+    (``tasks/diffusion/train.py:build_module``; tests/test_defaults.py fails if one is left to
+    its default), and everything but the speed options is saved in ``hparams``, so a model
+    file is rebuilt with what it was trained with. The defaults serve the unit tests' small
+    modules, and model files written before an argument existed: ``prediction_type``
+    ``epsilon``, ``patch_size`` 1, ``loss_weighting`` ``uniform``, ``intensity_transform``
+    ``linear`` and ``train_seed`` 0 are what those models were trained with, and the schedule
+    (``scaled_linear_beta``, betas 0.0005 to 0.0195) is the one every model has had so far.
     """
 
     def __init__(
@@ -304,22 +359,20 @@ class DiffusionModule(L.LightningModule):
                                patch_size=patch_size)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {prediction_type!r}")
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, schedule=schedule,
-            beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
-        )
+        self.noise_scheduler = make_scheduler("ddpm", **self.noise_schedule)
 
     @property
     def noise_schedule(self) -> dict[str, Any]:
-        """The trained noise schedule, as keyword arguments for ``models.sampling.sample``."""
+        """The trained noise schedule, as keyword arguments of ``make_scheduler`` and ``sample``.
+
+        It is part of ``hparams``, so a model file carries the schedule it was trained with and
+        sampling rebuilds exactly that one.
+        """
         hp = self.hparams
         return {"num_train_timesteps": int(hp["num_train_timesteps"]),
                 "schedule": str(hp["schedule"]), "beta_start": float(hp["beta_start"]),
                 "beta_end": float(hp["beta_end"]),
-                "prediction_type": str(hp.get("prediction_type", "epsilon"))}
+                "prediction_type": str(hp["prediction_type"])}
 
     @property
     def intensity(self) -> str:

@@ -20,29 +20,9 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from models.diffusion import to_image_range
+from models.diffusion import make_scheduler, to_image_range
 
 SchedulerKind = Literal["ddim", "ddpm"]
-
-
-def make_scheduler(
-    kind: SchedulerKind,
-    num_train_timesteps: int,
-    schedule: str,
-    beta_start: float,
-    beta_end: float,
-    prediction_type: str = "epsilon",
-) -> DDIMScheduler | DDPMScheduler:
-    """A MONAI sampling scheduler with the noise schedule the model was trained with."""
-    if kind == "ddim":
-        return DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
-                             beta_start=beta_start, beta_end=beta_end,
-                             prediction_type=prediction_type)
-    if kind == "ddpm":
-        return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
-                             beta_start=beta_start, beta_end=beta_end,
-                             prediction_type=prediction_type)
-    raise ValueError(f"scheduler_kind must be 'ddim' or 'ddpm', got {kind!r}")
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -71,13 +51,13 @@ def sample(
     device: torch.device | str,
     *,
     null_cond: Sequence[int] | torch.Tensor,
-    num_train_timesteps: int = 1000,
-    schedule: str = "scaled_linear_beta",
-    beta_start: float = 0.0005,
-    beta_end: float = 0.0195,
+    num_train_timesteps: int,
+    schedule: str,
+    beta_start: float,
+    beta_end: float,
+    prediction_type: str,
     eta: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
-    prediction_type: str = "epsilon",
     intensity: str = "linear",
 ) -> torch.Tensor:
     """Generate one image per (condition row, seed) with classifier-free guidance.
@@ -87,16 +67,25 @@ def sample(
     samples towards the condition. Conditional and unconditional estimates come from one
     forward pass over a batch of 2B.
 
+    The noise schedule (``num_train_timesteps`` to ``prediction_type``) has no defaults: it is
+    the trained model's, passed as ``**module.noise_schedule``, and the scheduler is built by
+    ``models.diffusion.make_scheduler`` as in training.
+
+    Step rules: the pipeline checks them once, when the configuration is validated
+    (``tasks/config.py``, ``Config._sampler_steps``): DDPM takes every training timestep,
+    DDIM a divisor of ``num_train_timesteps``. This function only refuses the DDPM request
+    MONAI cannot run at all (the same rule); it trusts the caller on the DDIM divisor.
+
     Args:
         model_unet: the conditional UNet (``DiffusionModule.unet``); called as
             ``model_unet(x, t, class_labels=cond)``.
         scheduler_kind: ``ddim`` (deterministic with ``eta=0``, few steps) or ``ddpm``
             (stochastic; MONAI's DDPM step assumes consecutive timesteps, so it needs
             ``num_inference_steps == num_train_timesteps``).
-        num_inference_steps: reverse steps; for DDIM a divisor of ``num_train_timesteps``
-            (MONAI's DDIM step strides by ``T // n`` while its timesteps are rounded from a
-            linspace, which only agree when n divides T). The pipeline's configuration
-            refuses any other count (``tasks/config.py``, ``Config._sampler_steps``).
+        num_inference_steps: reverse steps: for DDPM exactly ``num_train_timesteps``; for
+            DDIM a divisor of it (MONAI's DDIM step strides by ``T // n`` while its timesteps
+            are rounded from a linspace, which only agree when n divides T; e.g. 20 or 25 of
+            1,000, not 12).
         cond: (B, F) LongTensor of factor indices.
         guidance_scale: ``s`` above.
         seeds: one seed per row of ``cond``.
@@ -117,7 +106,8 @@ def sample(
         prediction_type: what the network predicts (``epsilon`` or ``v_prediction``); the
             guidance combination is linear, so it applies to either.
         intensity: the model's intensity transform (``DiffusionModule.intensity``); its
-            inverse maps the final sample to [0, 1].
+            inverse maps the final sample to [0, 1] (``linear``, the default, is the plain
+            rescaling every model used before ``intensity_transform`` existed).
 
     Returns:
         (B, *shape) float tensor in [0, 1] on ``device``.
@@ -129,8 +119,9 @@ def sample(
         raise ValueError("DDPM sampling needs num_inference_steps == num_train_timesteps "
                          f"({num_train_timesteps}); use DDIM for fewer steps")
     device = torch.device(device)
-    scheduler = make_scheduler(scheduler_kind, num_train_timesteps, schedule, beta_start,
-                               beta_end, prediction_type)
+    scheduler = make_scheduler(scheduler_kind, num_train_timesteps=num_train_timesteps,
+                               schedule=schedule, beta_start=beta_start, beta_end=beta_end,
+                               prediction_type=prediction_type)
     scheduler.set_timesteps(num_inference_steps)
     gens = _generators(seeds)
     b = len(seeds)

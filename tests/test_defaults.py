@@ -180,3 +180,74 @@ def test_a_missing_defaults_section_is_named(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError, match="no section 'probe'"):
         type("Probe", (_Strict,), {"__annotations__": {"steps": "int"}, "__module__": __name__},
              section="probe")
+
+
+# --- the diffusion model takes what the configuration gives it -----------------------------
+
+
+def _small_diffusion(**changes: Any) -> DiffusionConfig:
+    """The demo's diffusion section with a small network (a fast module to build)."""
+    network = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+               "num_head_channels": 8, "norm_num_groups": 4, "patch_size": 1}
+    return DiffusionConfig(network=network, **changes)
+
+
+def test_build_module_passes_every_constructor_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No constructor default of DiffusionModule reaches a model the pipeline trains."""
+    import inspect
+
+    import tasks.diffusion.train as train
+    from models.conditioning import ConditionSpec
+    from models.diffusion import DiffusionModule
+
+    passed: dict[str, Any] = {}
+    monkeypatch.setattr(train, "DiffusionModule", lambda spec, **kw: passed.update(kw))
+    cfg = _small_diffusion()
+    train.build_module(cfg, ConditionSpec.build(cfg.conditions))
+    wanted = set(inspect.signature(DiffusionModule).parameters) - {"spec"}
+    assert sorted(wanted - set(passed)) == []
+    assert (passed["schedule"], passed["beta_start"], passed["beta_end"]) == (
+        cfg.schedule, cfg.beta_start, cfg.beta_end)
+
+
+def test_training_and_sampling_build_the_configured_schedule() -> None:
+    """One schedule from the config, saved in hparams, rebuilt for sampling by one function."""
+    import torch
+
+    from models.conditioning import ConditionSpec
+    from models.diffusion import DiffusionModule, make_scheduler
+    from tasks.diffusion.train import build_module
+
+    cfg = _small_diffusion(beta_end=0.02)
+    module = build_module(cfg, ConditionSpec.build(cfg.conditions))
+    assert module.noise_schedule == {
+        "num_train_timesteps": cfg.num_train_timesteps, "schedule": cfg.schedule,
+        "beta_start": cfg.beta_start, "beta_end": 0.02, "prediction_type": cfg.prediction_type}
+    rebuilt = DiffusionModule(**dict(module.hparams))  # what a model file holds
+    for kind in ("ddim", "ddpm"):
+        sampler = make_scheduler(kind, **rebuilt.noise_schedule)
+        assert torch.equal(sampler.betas, module.noise_scheduler.betas)
+        assert sampler.prediction_type == cfg.prediction_type
+    demo = build_module(_small_diffusion(), ConditionSpec.build(cfg.conditions))
+    assert not torch.equal(demo.noise_scheduler.betas, module.noise_scheduler.betas)
+
+
+def test_a_model_file_without_its_schedule_gets_the_one_every_model_was_trained_with() -> None:
+    """Every model file so far stores its schedule; one that did not would get that schedule
+    (scaled_linear_beta from 0.0005 to 0.0195), not whatever params.yaml says today."""
+    from models.conditioning import ConditionSpec
+    from models.diffusion import DiffusionModule
+    from tasks.diffusion.train import build_module
+
+    cfg = _small_diffusion(schedule="linear_beta", beta_start=0.0001, beta_end=0.02)
+    hparams = dict(build_module(cfg, ConditionSpec.build(cfg.conditions)).hparams)
+    for key in ("schedule", "beta_start", "beta_end"):
+        del hparams[key]
+    schedule = DiffusionModule(**hparams).noise_schedule
+    assert (schedule["schedule"], schedule["beta_start"], schedule["beta_end"]) == (
+        "scaled_linear_beta", 0.0005, 0.0195)
+
+
+def test_the_config_refuses_a_schedule_whose_betas_do_not_rise() -> None:
+    with pytest.raises(ValueError, match="0 < beta_start < beta_end < 1"):
+        _small_diffusion(beta_start=0.02, beta_end=0.01)

@@ -76,11 +76,12 @@ def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
         spec, channels=net.channels, attention_levels=net.attention_levels,
         num_res_blocks=net.num_res_blocks, num_head_channels=net.num_head_channels,
         norm_num_groups=net.norm_num_groups, num_train_timesteps=cfg.num_train_timesteps,
-        schedule=cfg.schedule, prediction_type=cfg.prediction_type,
+        schedule=cfg.schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
         patch_size=net.patch_size, loss_weighting=cfg.loss_weighting,
         min_snr_gamma=cfg.min_snr_gamma, min_lr_ratio=cfg.min_lr_ratio,
         intensity_transform=cfg.intensity_transform,
-        cond_dropout=cfg.cond_dropout, lr=cfg.lr,
+        cond_dropout=cfg.cond_dropout, lr=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, val_seed=cfg.seed,
         train_seed=cfg.seed, **cfg.speed.model_dump())
 
