@@ -1,20 +1,23 @@
-"""The `synthdx` command line: one command per stage, each a thin shell over a Prefect flow.
+"""The `synthdx` command line: one command per stage, each a thin shell over its Prefect flow.
 
 Every command loads params.yaml (or ``--params``), applies ``--set dotted.key=value`` overrides
 and validates the tree before doing anything, so any run is reproducible from its command line.
+The stage commands are built from the stage registry (flows/stages.py), one body for all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 
+from flows.stages import STAGES, Stage, load
 from tasks.config import DEFAULT_PARAMS, Config, ConfigError, dump_config, load_config
 
 app = typer.Typer(
@@ -63,21 +66,6 @@ def _load(params: Path, overrides: list[str] | None, extra: list[str] | None = N
         raise typer.Exit(code=2) from None
 
 
-def _options(section: str, **values: object) -> list[str]:
-    """Turn the command's own options into ``section.key=value`` overrides (None = not given).
-
-    Why: command options are shorthands for parameters, so they go through the same
-    validation as ``--set`` and a run stays reproducible from params + overrides.
-    """
-    out = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        out.append(f"{section}.{key}={text}")
-    return out
-
-
 def _worker_rank() -> bool:
     """True in every distributed process but the global rank 0.
 
@@ -103,172 +91,74 @@ def config_cmd(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     typer.echo(dump_config(cfg))
 
 
-@app.command("phantom")
-def phantom_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    output: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
-    patients: Annotated[int | None, typer.Option(help="Number of patients.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-) -> None:
-    """Write the built-in multi-site bone-scan dataset (DICOM + labels.csv + montage)."""
-    cfg = _load(params, set_, _options("phantom", output=output, patients=patients, seed=seed))
+def _stage_command(spec: Stage) -> Callable[..., None]:
+    """The ``synthdx <stage>`` command of a registered stage: one body for every stage.
+
+    Its signature (``--params``, ``--set`` and the stage's own options) is built from the
+    registry, so typer shows each option with its help and parses it as it always has.
+    """
+
+    def command(params: Path, set_: list[str] | None, **values: Any) -> None:
+        _run_stage_command(spec, params, set_, values)
+
+    parameters = [
+        inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_PARAMS,
+                          annotation=ParamsOpt),
+        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=SetOpt),
+        *(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default,
+                            annotation=Annotated[opt.type, typer.Option(
+                                *opt.flags, help=opt.help, metavar=opt.metavar)])
+          for opt in spec.options),
+    ]
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__name__ = f"{spec.name}_cmd"
+    command.__doc__ = spec.help
+    return command
+
+
+def _run_stage_command(spec: Stage, params: Path, set_: list[str] | None,
+                       values: dict[str, Any]) -> None:
+    """Validate the parameters and the options, run the stage, print its result.
+
+    Everything the command line can get wrong fails before a Prefect server is started for
+    nothing: a bad parameter (exit 2), an unknown choice such as a task typo (exit 2).
+    """
+    overrides = [o for opt in spec.options if (o := opt.override(values[opt.name]))]
+    cfg = _load(params, set_, overrides)
+    args: dict[str, Any] = {}
+    for opt in spec.options:
+        if opt.arg is None:
+            continue
+        given = values[opt.name] or None
+        if given is not None and opt.choices is not None:
+            known = get_args(load(opt.choices))
+            for name in given:
+                if name not in known:
+                    raise _fail(f"unknown {opt.name} {name!r} "
+                                f"(expected one of: {', '.join(known)})", 2)
+        args[opt.arg] = given
     _project_prefect_home()
-    from flows.phantom import phantom_flow
+    from flows.stage_flow import run_stage, run_stage_flow
 
     try:
-        summary = phantom_flow(cfg)
-    except (ValueError, OSError) as exc:
+        # A distributed launcher (Lightning DDP, torchrun, srun) re-runs this command for the
+        # other ranks; only the global rank 0 is the stage's Prefect flow run, the others just
+        # join the process group.
+        if spec.distributed and _worker_rank():
+            result = run_stage(spec, cfg, **args)
+        else:
+            result = run_stage_flow(spec, cfg, **args)
+    except spec.error_types() as exc:
         raise _fail(str(exc)) from None
-    typer.echo(summary.describe())
+    text = spec.describe(result)
+    if text is not None:
+        typer.echo(text)
 
 
-@app.command("ingest")
-def ingest_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    source: Annotated[Path | None, typer.Option(help="Folder of DICOM files.")] = None,
-    labels: Annotated[Path | None, typer.Option(help="Labels CSV.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Processed dataset folder.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Any quarantine is an error.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = all cores).")] = None,
-) -> None:
-    """De-identify, validate and normalise a DICOM archive into the processed dataset."""
-    cfg = _load(params, set_, _options("ingest", source=source, labels=labels, output=output,
-                                       workers=workers, strict=True if strict else None))
-    _project_prefect_home()
-    from flows.ingest import ingest_flow
-    from tasks.ingest.errors import IngestError
-
-    try:
-        result = ingest_flow(cfg)
-    except (IngestError, OSError) as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(result.describe())
-
-
-@app.command("train-diffusion")
-def train_diffusion_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    max_steps: Annotated[int | None, typer.Option(help="Train up to this step.")] = None,
-    resume: Annotated[bool | None, typer.Option(
-        "--resume/--no-resume", help="Continue from the last checkpoint if there is one.")] = None,
-) -> None:
-    """Train the class-conditional diffusion model on the processed training split."""
-    cfg = _load(params, set_, _options("diffusion", max_steps=max_steps, resume=resume))
-    _project_prefect_home()
-    from flows.train_diffusion import train_diffusion_flow
-    from tasks.diffusion.train import train_diffusion
-
-    # Lightning's DDP launcher re-runs this command for the other local ranks; only rank 0
-    # is the stage's Prefect flow run, the others just join the process group.
-    worker_rank = _worker_rank()
-    try:
-        summary = train_diffusion(cfg) if worker_rank else train_diffusion_flow(cfg)
-    except (ValueError, OSError) as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(summary.describe())
-
-
-@app.command("synthesize")
-def synthesize_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    output: Annotated[Path | None, typer.Option(help="Synthetic dataset folder.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps.")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")
-                        ] = None,
-    dicom: Annotated[bool | None, typer.Option(
-        "--dicom/--no-dicom", help="Also write DICOM files marked synthetic.")] = None,
-) -> None:
-    """Sample a synthetic dataset from the trained diffusion model (counts from params)."""
-    cfg = _load(params, set_, [*_options("synthesize", output=output, steps=steps,
-                                         guidance_scale=guidance),
-                               *_options("synthesize.dicom", enabled=dicom)])
-    _project_prefect_home()
-    from flows.synthesize import run_synthesize, synthesize_flow
-
-    worker_rank = _worker_rank()
-    try:
-        result = run_synthesize(cfg) if worker_rank else synthesize_flow(cfg)
-    except (ValueError, OSError, RuntimeError) as exc:
-        raise _fail(str(exc)) from None
-    if result is not None:
-        typer.echo(result.describe())
-
-
-@app.command("audit")
-def audit_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    synthetic: Annotated[Path | None, typer.Option(help="Synthetic dataset folder.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Audit output folder.")] = None,
-) -> None:
-    """Quality and privacy audit; writes the released synthetic set without withheld images."""
-    cfg = _load(params, set_, _options("audit", synthetic=synthetic, output=output))
-    _project_prefect_home()
-    from flows.audit import audit_flow
-
-    try:
-        result = audit_flow(cfg)
-    except (ValueError, OSError) as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(result.describe())
-
-
-@app.command("train-classifier")
-def train_classifier_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    task: Annotated[list[str] | None, typer.Option(
-        "--task", metavar="TASK",
-        help="Task to train (repeatable; default: classifier.tasks).")] = None,
-    regime: Annotated[list[str] | None, typer.Option(
-        "--regime", metavar="REGIME",
-        help="Training regime (repeatable; default: classifier.regimes).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimiser steps per model.")] = None,
-) -> None:
-    """Train the downstream classifiers (every seed of each task x regime asked for)."""
-    cfg = _load(params, set_, _options("classifier", max_steps=max_steps))
-    from typing import get_args
-
-    from tasks.config import RegimeName, TaskName
-
-    # A typo fails here, before a Prefect server is started for nothing.
-    for kind, names, known in (("task", task, get_args(TaskName)),
-                               ("regime", regime, get_args(RegimeName))):
-        for name in names or []:
-            if name not in known:
-                raise _fail(f"unknown {kind} {name!r} (expected one of: {', '.join(known)})", 2)
-    _project_prefect_home()
-    from flows.train_classifier import train_classifier_flow
-    from tasks.classifier.labels import LabelError
-
-    try:
-        summary = train_classifier_flow(cfg, task or None, regime or None)
-    except (ValueError, OSError, LabelError) as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(summary.describe())
-
-
-@app.command("validate")
-def validate_cmd(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    set_: SetOpt = None,
-    classifiers: Annotated[Path | None, typer.Option(help="Classifiers folder.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Reports folder.")] = None,
-) -> None:
-    """Validate every classifier per site; write reports/validation.{json,html}; champions."""
-    cfg = _load(params, set_, _options("validation", classifiers=classifiers, output=output))
-    _project_prefect_home()
-    from flows.validate import validate_flow
-
-    try:
-        summary = validate_flow(cfg)
-    except (ValueError, OSError) as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(summary.describe())
+for _spec in STAGES:
+    app.command(_spec.command)(_stage_command(_spec))
 
 
 @app.command("run")

@@ -363,6 +363,7 @@ def test_audit_elsewhere_leaves_the_project_metrics_alone(tmp_path, processed, s
 
 
 def test_audit_flow_is_the_audit_prefect_flow():
-    from flows.audit import audit_flow
+    from flows.stage_flow import flow_of
+    from flows.stages import stage
 
-    assert audit_flow.name == "audit"
+    assert flow_of(stage("audit")).name == "audit"

@@ -14,10 +14,10 @@ import yaml
 
 from flows.orchestration.dag import PipelineError
 from flows.orchestration.deployments import load_deployments
+from flows.stages import STAGES
 from tests.conftest import REPO
 
-STAGE_DEPLOYMENTS = {"phantom", "ingest", "train-diffusion", "synthesize", "audit",
-                     "train-classifier", "validate"}
+STAGE_DEPLOYMENTS = {s.command for s in STAGES}
 
 
 def test_prefect_yaml_declares_nightly_and_per_stage_deployments():

@@ -98,10 +98,11 @@ def test_plan_rejects_groups_the_model_cannot_make(condition: dict, message: str
 
 def test_synthesize_writes_dataset_and_dicom_that_regenerate(trained: Path,
                                                              mlflow_uri: str) -> None:
-    from flows.synthesize import run_synthesize
+    from flows.stage_flow import run_stage
+    from flows.stages import stage
 
     cfg = load_config(PARAMS, [*_sets(trained), "synthesize.dicom.enabled=true"])
-    result = run_synthesize(cfg)
+    result = run_stage(stage("synthesize"), cfg)
     assert result is not None and result.images == 8 and result.world_size == 1
     out = trained / "synthetic"
     images = np.load(out / "images.npy")

@@ -3,6 +3,10 @@
 Why our own reader rather than ``prefect deploy --all``: a wrong key, entrypoint, parameter
 or cron should fail naming the deployment, before the first one reaches the server;
 ``synthdx deploy`` then applies the checked specs through Prefect's Python API.
+
+The per-stage on-demand deployments are not written by hand: they are one block of
+prefect.yaml generated from the stage registry (flows/stages.py) by
+``python -m flows.orchestration.deployments``, and a test fails when the file differs.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from typing import Any
 import yaml
 
 from flows.orchestration.dag import PipelineError
+from flows.stages import STAGES, Stage
 
 ALLOWED_KEYS = {"name", "description", "entrypoint", "tags", "parameters", "schedules",
                 "work_pool", "version"}
 PARAMETERS = {"params", "profile", "from_stage", "only", "force", "root"}
+PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
+STAGE_BLOCK_BEGIN = ("  # BEGIN stage deployments, generated from flows/stages.py by "
+                     "`python -m flows.orchestration.deployments`")
+STAGE_BLOCK_END = "  # END stage deployments"
 
 
 @dataclass(frozen=True)
@@ -107,3 +116,70 @@ def load_deployments(path: Path, root: Path | None = None) -> list[DeploymentSpe
     if not specs:
         raise PipelineError(f"{path}: no deployments")
     return specs
+
+
+def stage_deployments(stages: tuple[Stage, ...] = STAGES) -> str:
+    """prefect.yaml's block of per-stage deployments, one per registered stage.
+
+    Each runs the pipeline flow with ``only: [<stage>]`` (a matrix stage: its whole group), so
+    an on-demand stage run still skips what DVC reports up to date and nests its MLflow run
+    under a pipeline run. A GPU stage goes to the GPU pool (the anchors prefect.yaml defines).
+    """
+    lines = [STAGE_BLOCK_BEGIN]
+    for spec in stages:
+        tags = ["synthdx", "stage", *(["gpu"] if spec.pool == "gpu" else [])]
+        lines += [f"  - name: {spec.command}",
+                  f"    entrypoint: {PIPELINE_ENTRYPOINT}",
+                  f"    tags: [{', '.join(tags)}]",
+                  f"    parameters: {{only: [{spec.name}]}}",
+                  f"    work_pool: *{spec.pool}_pool"]
+    lines.append(STAGE_BLOCK_END)
+    return "\n".join(lines) + "\n"
+
+
+def with_stage_deployments(text: str, where: str = "prefect.yaml") -> str:
+    """``text`` (a prefect.yaml) with its stage block replaced by :func:`stage_deployments`.
+
+    Raises:
+        PipelineError: the file has no (or a broken) pair of block markers.
+    """
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == STAGE_BLOCK_BEGIN]
+    ends = [i for i, line in enumerate(lines) if line.rstrip("\n") == STAGE_BLOCK_END]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise PipelineError(f"{where}: needs one generated stage block, from the line "
+                            f"{STAGE_BLOCK_BEGIN.strip()!r} to {STAGE_BLOCK_END.strip()!r}")
+    return "".join([*lines[:starts[0]], stage_deployments(), *lines[ends[0] + 1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the stage block of prefect.yaml (``--check``: only say whether it is current).
+
+    Returns:
+        0 when the file is (now) current; 1 with ``--check`` when it is not.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.orchestration.deployments",
+        description="Generate prefect.yaml's per-stage deployments from flows/stages.py.")
+    parser.add_argument("file", nargs="?", type=Path, default=Path("prefect.yaml"))
+    parser.add_argument("--check", action="store_true",
+                        help="Change nothing; exit 1 when the file is not current.")
+    args = parser.parse_args(argv)
+    text = args.file.read_text(encoding="utf-8")
+    new = with_stage_deployments(text, str(args.file))
+    if new == text:
+        print(f"{args.file}: stage deployments are current")
+        return 0
+    if args.check:
+        print(f"{args.file}: stage deployments differ from flows/stages.py "
+              "(python -m flows.orchestration.deployments rewrites them)")
+        return 1
+    args.file.write_text(new, encoding="utf-8")
+    print(f"{args.file}: stage deployments rewritten from flows/stages.py")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
