@@ -95,6 +95,7 @@ def test_first_run_builds_every_stage_under_one_parent_run(project):
     assert "profile set to tiny" in out.stdout
     assert _ran(out.stdout) == ALL_STAGES
     assert "headline" not in out.stderr.lower()
+    assert "To track the changes with git" not in out.stdout + out.stderr  # DVC's advice
     assert "aurelia*" in out.stdout and "report: reports/validation.html" in out.stdout
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == ALL_STAGES

@@ -49,9 +49,12 @@ class StageRun:
 
 
 def stage_command(stage: str, force: bool) -> list[str]:
-    """The command that runs exactly one stage, DVC-recorded (dvc.lock, cache, run cache)."""
-    dvc = Path(sys.executable).with_name("dvc")
-    exe = [str(dvc)] if dvc.exists() else [sys.executable, "-m", "dvc"]
+    """The command that runs exactly one stage, DVC-recorded (dvc.lock, cache, run cache).
+
+    DVC's CLI runs through flows/orchestration/dvc_repro.py, which keeps DVC's "to track the
+    changes with git, run ..." advice out of the pipeline's console.
+    """
+    exe = [sys.executable, "-m", "flows.orchestration.dvc_repro"]
     # --wait-for-lock: stages running side by side each take DVC's repository lock briefly
     # (before and after their command); without it the second one fails after 3 s.
     return [*exe, "--wait-for-lock", "repro", "--single-item",
