@@ -62,7 +62,7 @@ def run_stage_flow(spec: Stage, cfg: Config, **args: Any) -> Any:
     """Run ``spec`` as its Prefect flow run; return the stage's result.
 
     Raises:
-        Whatever the stage raises (its flow run is then failed in Prefect).
+        Exception: whatever the stage raises (its flow run is then failed in Prefect).
     """
     if spec.flow is not None:
         return flow_of(spec)(cfg, **args)

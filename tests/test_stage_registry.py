@@ -16,7 +16,7 @@ import yaml
 
 from flows.orchestration.dag import pipeline_stages
 from flows.orchestration.deployments import load_deployments, with_stage_deployments
-from flows.stages import STAGES, Stage, load, stage
+from flows.stages import BY_NAME, STAGES, Stage, load, stage
 from tasks.config import load_config
 from tests.conftest import PARAMS, REPO
 
@@ -40,14 +40,17 @@ def test_every_dvc_stage_runs_a_registered_stage_command():
     expanded = pipeline_stages(REPO)
     assert any("@" in info.name for info in expanded)  # the matrix was expanded
     for info in expanded:
+        assert info.group in BY_NAME, f"dvc.yaml stage {info.group} is not in flows/stages.py"
+        command = stage(info.group).command
         words = shlex.split(info.cmd)
-        assert words[:1] == ["synthdx"], f"{info.name}: {info.cmd!r} is not a synthdx command"
-        assert len(words) > 1 and words[1] == stage(info.group).command, \
-            f"{info.name}: {info.cmd!r} does not run `synthdx {stage(info.group).command}`"
+        assert words[:2] == ["synthdx", command], \
+            f"{info.name}: {info.cmd!r} does not run `synthdx {command}`"
 
 
 def test_every_registered_stage_is_in_dvc_yaml():
-    assert [s.name for s in STAGES] == list(DVC_YAML)
+    missing = [s.name for s in STAGES if s.name not in DVC_YAML]
+    assert not missing, f"registered in flows/stages.py but not in dvc.yaml: {missing}"
+    assert len({s.name for s in STAGES}) == len(STAGES)
 
 
 @pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
