@@ -29,10 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.logger import _add_prefix, _convert_params, _flatten_dict
+from lightning.fabric.utilities.logger import _add_prefix, _convert_params
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from tasks.common.flatten import flatten
 from tasks.common.tracking import (
     describe_failure,
     exception_chain,
@@ -107,7 +108,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
         """Log hyper-parameters (kept and sent later when the server is away)."""
-        flat = dict(_flatten_dict(_convert_params(params)))
+        flat = flatten(_convert_params(params), sep="/")  # Lightning's own key layout
         self._send("hyper-parameters", lambda: MLFlowLogger.log_hyperparams(self, flat))
 
     @rank_zero_only

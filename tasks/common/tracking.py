@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from tasks.common.flatten import param_values
 from tasks.config import MlflowConfig
 
 PARENT_ENV = "SYNTHDX_PARENT_RUN_ID"
@@ -146,21 +147,6 @@ def check_tracking_server(uri: str, attempts: int = CHECK_ATTEMPTS,
         "set MLFLOW_TRACKING_URI or start the server")
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested mapping into dotted keys (MLflow params are flat)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-            for i, item in enumerate(value):
-                out.update(flatten(item, f"{name}.{i}."))
-        else:
-            out[name] = value
-    return out
-
-
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 """What the MLflow UI reads to choose an experiment's first page. Unset, MLflow 3 infers a
@@ -216,7 +202,6 @@ def log_params(params: Mapping[str, Any]) -> None:
     """Log flattened params, batched (MLflow caps values at 6000 chars and 100 per batch)."""
     import mlflow
 
-    flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-    items = list(flat.items())
+    items = list(param_values(params).items())
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i:i + 100]))

@@ -12,7 +12,6 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -22,6 +21,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
+from tasks.common.flatten import param_values
 from tasks.config import IngestConfig, MlflowConfig
 from tasks.ingest.result import IngestResult
 
@@ -29,18 +29,6 @@ PARENT_RUN_ENV = "SYNTHDX_PARENT_RUN_ID"
 DATASET_NAME = "synthdx-processed"
 
 _DTYPES = {"b": DataType.boolean, "i": DataType.long, "u": DataType.long, "f": DataType.double}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings)."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = "" if value is None else str(value)
-    return flat
 
 
 def manifest_schema(dtypes: dict[str, str]) -> Schema:
@@ -103,7 +91,8 @@ def log_ingest_run(
                             tags=tags)
     run_id = run.info.run_id
     try:
-        params = {**flatten(ingest_cfg.model_dump(mode="json"), "ingest."), **extra_params}
+        params = {**param_values(ingest_cfg.model_dump(mode="json"), "ingest."),
+                  **extra_params}
         client.log_batch(run_id, params=[_param(k, v) for k, v in sorted(params.items())])
         client.log_batch(run_id, metrics=[_metric(k, v) for k, v in sorted(metrics.items())])
         with warnings.catch_warnings():  # "file" and "" schemes both map to the local source
