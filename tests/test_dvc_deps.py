@@ -131,12 +131,18 @@ def _is_inert(module: Module) -> bool:
 
 
 def _stage_packages(entries: list[Module]) -> set[str]:
-    """The tasks/<stage>/ packages the entries live in or import directly."""
+    """The tasks/<stage>/ packages of a stage's entries.
+
+    An entry in tasks/ is in its stage's package; an entry in flows/ is wiring around the
+    stage's package, which it imports directly.
+    """
     packages = set()
-    for module in entries + [m for e in entries for m in imports_of(e)]:
-        parts = module.name.split(".")
-        if parts[0] == "tasks" and len(parts) > 2 and parts[1] not in ("common", "artifacts"):
-            packages.add(f"tasks.{parts[1]}")
+    for entry in entries:
+        for module in [entry] if entry.name.startswith("tasks.") else imports_of(entry):
+            parts = module.name.split(".")
+            if parts[0] == "tasks" and len(parts) > 2 and parts[1] not in ("common",
+                                                                          "artifacts"):
+                packages.add(f"tasks.{parts[1]}")
     return packages
 
 
