@@ -19,7 +19,8 @@ from monai.data import DataLoader
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from models.data import IMAGES_FILE, scan_augmentation
+from models.data import scan_augmentation
+from models.dataset_files import IMAGES_FILE
 
 
 def load_images(root: str | Path, indices: Sequence[int] | np.ndarray, size: tuple[int, int],

@@ -2,8 +2,9 @@
 
 A processed folder (written by ingest) holds ``images.npy`` (float16, (N, 2, rows, cols),
 anterior and posterior views, intensity in [0, 1]) and ``manifest.parquet`` (one row per image,
-``index`` into the array, ``split``, labels). The array is memory-mapped, not loaded: it can be
-far larger than RAM, and each DataLoader worker opens its own map.
+``index`` into the array, ``split``, labels; file names in models.dataset_files). The array is
+memory-mapped, not loaded: it can be far larger than RAM, and each DataLoader worker opens its
+own map.
 
 The training loader is resumable: its sampler draws each epoch's order from the seed and the
 epoch number, each image's augmentation from the seed, the epoch and the row, and the loader's
@@ -21,7 +22,6 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader
@@ -36,9 +36,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import DistributedSampler
 
 from models.conditioning import ConditionSpec
-
-IMAGES_FILE = "images.npy"
-MANIFEST_FILE = "manifest.parquet"
+from models.dataset_files import IMAGES_FILE, read_manifest
 
 Transform = Callable[[torch.Tensor], Any]
 
@@ -61,14 +59,6 @@ class Draw(NamedTuple):
 
     item: int
     seed: int
-
-
-def read_manifest(root: str | Path) -> pd.DataFrame:
-    """The manifest of a processed folder, with a clear error when it is not one."""
-    path = Path(root) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; is {root} a processed dataset folder?")
-    return pd.read_parquet(path)
 
 
 def resize(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:

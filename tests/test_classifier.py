@@ -16,11 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
+from tasks.artifacts.classifier_folder import load_classifier
 from tasks.classifier.inputs import load_inputs
 from tasks.classifier.labels import LabelError, task_labels
 from tasks.classifier.regimes import compose, limited_positions, stratified_fraction
 from tasks.classifier.threshold import choose_threshold
-from tasks.classifier.train import load_classifier, train_model
+from tasks.classifier.train import train_model
 from tasks.config import load_config
 from tests.conftest import PARAMS
 
@@ -305,6 +306,8 @@ def test_stage_writes_model_folders_the_validation_reads(stage_run) -> None:
     sources = {s["source"]: s["images"] for s in info["training_set"]["sources"]}
     assert sources["synthetic"] == 80
     assert info["lineage"]["diffusion_model_version"].startswith("synthdx-bone-scan-diffusion")
+    # Each <task>/<regime> folder is a DVC output: no timings or timestamps in model.json.
+    assert not {"seconds", "images_per_second", "created"} & set(info)
     module, size = load_classifier(root / "amyloidosis/real_limited/seed0")
     assert size == (64, 16)
     assert module(torch.zeros(1, 2, *size)).shape == (1,)
@@ -323,6 +326,7 @@ def test_stage_runs_are_nested_with_lineage_and_composition(stage_run) -> None:
     assert run.data.tags["synthdx.lineage.diffusion_registered"] == \
         "models:/synthdx-bone-scan-diffusion/3"
     assert "val/auc" in run.data.metrics and "train/loss" in run.data.metrics
+    assert {"seconds", "images_per_second"} <= set(run.data.metrics)  # timings live here
     assert len(client.get_metric_history(run.info.run_id, "val/auc")) == 3  # steps 20, 40, 60
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.json", "training_set.json"} <= artifacts

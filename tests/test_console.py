@@ -129,7 +129,8 @@ def test_registered_signature_accepts_left_out_and_missing_conditions(tmp_path):
 
     spec = ConditionSpec.build(["perugini_grade", "metastasis"])
     weights = tmp_path / "model.pt"
-    torch.save({"hparams": {"spec": spec.to_dict()}, "image_size": [32, 16]}, weights)
+    torch.save({"hparams": {"spec": spec.to_dict()}, "state_dict": {}, "image_size": [32, 16]},
+               weights)  # the model file's layout (models.module_file), without weights
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         signature = _signature(weights, DEFAULT_PARAMS)

@@ -26,11 +26,11 @@ import pytest
 from pydicom import config
 
 from models.conditioning import ConditionSpec
+from tasks.artifacts.diffusion_model import ModelRef
 from tasks.config import SampleGroup, load_config
 from tasks.phantom.dicom_writer import StudyHeader, write_study
 from tasks.phantom.identity import make_identity
 from tasks.synthesize import dicom_export
-from tasks.synthesize.model_ref import ModelRef
 from tasks.synthesize.pipeline import _manifest
 from tasks.synthesize.plan import build_plan
 from tests.conftest import PARAMS

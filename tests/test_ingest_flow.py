@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from test_ingest_helpers import add_duplicate, build_archive, scan_for_secrets
 from typer.testing import CliRunner
 
-from tasks.common.dvc_hash import dvc_dir_hash
+from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from test_ingest_helpers import (
     crash_on_marked_file,
 )
 
-from tasks.common.dvc_hash import dvc_dir_hash
+from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
 from tasks.ingest.parallel import CRASH_REASON, run_pool
 from tasks.ingest.pipeline import prepare, run_ingest, worker_context

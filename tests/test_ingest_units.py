@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from tasks.common.dvc_hash import dvc_dir_hash
+from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.config import SplitConfig
 from tasks.ingest.errors import IngestError
 from tasks.ingest.labels import load_labels

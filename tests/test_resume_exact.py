@@ -16,7 +16,8 @@ import torch
 
 from models.data import Draw, ResumableDataLoader, ResumableSampler, mix_seed
 from models.diffusion import DiffusionModule
-from tasks.diffusion.train import MODEL_NAME, train_diffusion
+from tasks.artifacts.diffusion_model import MODEL_NAME
+from tasks.diffusion.train import train_diffusion
 from tests.test_diffusion_models import _make_dataset
 from tests.test_train_diffusion import _cfg
 

@@ -17,8 +17,9 @@ import torch
 
 from models.conditioning import ConditionSpec
 from models.sampling import sample
+from tasks.artifacts.diffusion_model import load_model
 from tasks.config import SampleGroup, load_config
-from tasks.diffusion.train import load_model, train_diffusion
+from tasks.diffusion.train import train_diffusion
 from tasks.synthesize.plan import PlanError, build_plan
 from tests.conftest import PARAMS
 from tests.test_diffusion_models import COLS, ROWS, _make_dataset

@@ -83,8 +83,7 @@ def write_models(root: Path, tasks: tuple[str, ...] = TASKS,
                         "training_set": {"n_real": 400, "n_synthetic": 200 * ("synth" in regime),
                                          "n_positive": 120, "n_negative": 480},
                         "lineage": {"processed_digest": "md5:0f0f", "synthetic_digest": "md5:a1a1",
-                                    "diffusion_model": "synthdx-bone-scan-diffusion/3"},
-                        "created": "2026-05-04T10:00:00+00:00"}
+                                    "diffusion_model": "synthdx-bone-scan-diffusion/3"}}
                 (folder / "model.json").write_text(json.dumps(info), encoding="utf-8")
     return root
 
@@ -219,6 +218,23 @@ def test_html_headline_states_the_pooled_result_first(validation: ValidationResu
         assert f"{pooled['delta_auc_ci_low']:+.3f} to {pooled['delta_auc_ci_high']:+.3f}" in text
         assert text.index("95 % CI") < text.index(" p ") < text.index("At ")
     assert "Pooled over external sites" in html  # the table row
+
+
+def test_validating_the_same_models_again_gives_the_same_bytes(
+        validation: ValidationResult, tmp_path: Path) -> None:
+    """The reports are DVC outputs: no timestamp, so a rerun leaves their hashes alone."""
+    assert "generated" not in validation.report
+    assert not any("created" in p for p in validation.report["provenance"])
+    again = run_validation(Path(validation.report["classifiers_root"]), tmp_path / "reports",
+                           ValidateConfig(bootstrap=100))
+    for first, second in ((validation.json_path, again.json_path),
+                          (validation.metrics_path, again.metrics_path),
+                          (validation.html_path, again.html_path)):
+        assert first.read_bytes() == second.read_bytes(), first.name
+    csvs = sorted(p.relative_to(validation.plots_dir)
+                  for p in validation.plots_dir.rglob("*.csv"))
+    assert csvs and all((validation.plots_dir / p).read_bytes()
+                        == (again.plots_dir / p).read_bytes() for p in csvs)
 
 
 def test_pipeline_headline_shows_the_pooled_delta_with_its_interval(

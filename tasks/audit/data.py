@@ -1,10 +1,10 @@
 """The audit's inputs: the real processed dataset and the synthetic dataset, checked and aligned.
 
-Both folders have the same layout (``images.npy`` float16 (N, 2, rows, cols) in [0, 1] and
-``manifest.parquet`` with an ``index`` column into the array). The synthetic set is at the
-diffusion model's resolution; every comparison happens there, so real images are
-area-resized down to it (area averaging keeps mean intensity and does not alias the
-speckle of low-count scans; see models.data.resize).
+Both folders have the same layout (tasks.artifacts.dataset: ``images.npy`` float16
+(N, 2, rows, cols) in [0, 1] and ``manifest.parquet`` with an ``index`` column into the
+array). The synthetic set is at the diffusion model's resolution; every comparison happens
+there, so real images are area-resized down to it (area averaging keeps mean intensity and
+does not alias the speckle of low-count scans; see models.data.resize).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-IMAGES_FILE = "images.npy"
-MANIFEST_FILE = "manifest.parquet"
-SYNTHESIS_FILE = "synthesis.json"
+from tasks.artifacts.dataset import IMAGES_FILE, MANIFEST_FILE
+
 HELDOUT_SPLITS = ("val", "test")
 """Internal held-out splits: same population as train, never seen by generator or encoder."""
 

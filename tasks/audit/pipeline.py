@@ -21,6 +21,14 @@ import mlflow
 import numpy as np
 import torch
 
+from tasks.artifacts.audit_output import (
+    AUDIT_JSON,
+    NEAREST_CSV,
+    PAIRS_PNG,
+    RELEASED_DIR,
+    WITHHELD_CSV,
+)
+from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.audit.data import (
     CLASS_DEFINITIONS,
     HELDOUT_SPLITS,
@@ -38,12 +46,6 @@ from tasks.audit.quality import (
     pixel_two_sample_auc,
 )
 from tasks.audit.report import (
-    AUDIT_JSON,
-    NEAREST_CSV,
-    PAIRS_PNG,
-    RELEASED_DIR,
-    WITHHELD_CSV,
-    flat_metrics,
     nearest_table,
     plot_pairs,
     write_json,
@@ -51,7 +53,7 @@ from tasks.audit.report import (
 )
 from tasks.audit.tstr import TARGET_RATIO, VAL_SPLIT, run_tstr, tstr_metrics
 from tasks.common.atomic import atomic_dir
-from tasks.common.dvc_hash import dvc_dir_hash
+from tasks.common.flatten import metric_values
 from tasks.common.stage_metrics import stage_metrics_path
 from tasks.common.tracking import log_params, stage_run
 from tasks.config import AuditConfig, Config
@@ -360,7 +362,7 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
                                           METRICS_FILE)
         if metrics_path is not None:
             write_json(metrics_path, metrics)
-        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics(metric_values(metrics))
         mlflow.log_metrics({f"seconds/{k}": v for k, v in timings.items()})
         for name in (AUDIT_JSON, PAIRS_PNG, WITHHELD_CSV, NEAREST_CSV):
             mlflow.log_artifact(str(output / name))

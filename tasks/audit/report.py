@@ -1,16 +1,9 @@
 """Write the audit's outputs: the released set, the withheld list, the picture and the numbers.
 
-Output folder (``audit.output``, replaced atomically as a whole):
-    audit.json          every metric, per class and overall, thresholds, counts, encoder,
-                        input digests. No timings and no MLflow run ID: the folder is a DVC
-                        output, and a rerun on the same inputs must keep its hash, or every
-                        classifier stage reruns (timings are MLflow metrics ``seconds/*``).
-    nearest.csv         every synthetic image: its nearest training image, NCC, SSIM, decision.
-    withheld.csv        the withheld rows of nearest.csv (the list a reviewer reads).
-    nearest_pairs.png   the closest synthetic / training pairs side by side, both views.
-    released/           the synthetic dataset minus the withheld images, same format as the
-                        synthetic folder (images.npy, manifest.parquet re-indexed 0..K-1 with
-                        sample_id kept, synthesis.json copied).
+The output folder's layout is owned by tasks.artifacts.audit_output (the classifier stage reads
+the released set through it). audit.json holds no timings and no MLflow run ID: the folder is a
+DVC output, and a rerun on the same inputs must keep its hash, or every classifier stage reruns
+(timings are MLflow metrics ``seconds/*``).
 The DVC metrics file (``reports/audit_metrics.json``) holds the key numbers only, no timings,
 so ``dvc metrics diff`` shows changes of the data or the model, not machine noise. It is
 written only for the project's output or a chosen ``reports_dir``
@@ -21,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,14 +23,9 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from tasks.audit.data import IMAGES_FILE, MANIFEST_FILE, SYNTHESIS_FILE, ImageSet
+from tasks.artifacts import audit_output
+from tasks.audit.data import ImageSet
 from tasks.common.atomic import atomic_write_text
-
-AUDIT_JSON = "audit.json"
-NEAREST_CSV = "nearest.csv"
-WITHHELD_CSV = "withheld.csv"
-PAIRS_PNG = "nearest_pairs.png"
-RELEASED_DIR = "released"
 
 
 def nearest_table(synthetic: ImageSet, train_manifest: pd.DataFrame, nearest: np.ndarray,
@@ -63,15 +50,10 @@ def nearest_table(synthetic: ImageSet, train_manifest: pd.DataFrame, nearest: np
 
 def write_released(synthetic: ImageSet, keep: np.ndarray, target: Path) -> int:
     """Write the released synthetic dataset (kept rows only) into ``target``; return its size."""
-    target.mkdir(parents=True, exist_ok=True)
-    rows = synthetic.manifest[keep].copy()
+    rows = synthetic.manifest[keep]
     images = np.asarray(synthetic.images[rows["index"].to_numpy(dtype=np.int64)])
-    rows["index"] = np.arange(len(rows), dtype=np.int64)
-    np.save(target / IMAGES_FILE, images.astype(synthetic.images.dtype), allow_pickle=False)
-    rows.reset_index(drop=True).to_parquet(target / MANIFEST_FILE, index=False)
-    if (synthetic.root / SYNTHESIS_FILE).is_file():
-        shutil.copy2(synthetic.root / SYNTHESIS_FILE, target / SYNTHESIS_FILE)
-    return len(rows)
+    return audit_output.write_released(target, images.astype(synthetic.images.dtype), rows,
+                                       synthetic.root)
 
 
 def plot_pairs(path: Path, synthetic: torch.Tensor, train: torch.Tensor,
@@ -138,15 +120,3 @@ def _clean(value: Any) -> Any:
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
     """Write a JSON document atomically (sorted keys, NaN as null)."""
     atomic_write_text(path, json.dumps(_clean(document), indent=1, sort_keys=True) + "\n")
-
-
-def flat_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested mapping as ``a/b/c`` MLflow metric names (None skipped)."""
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_metrics(value, f"{name}/"))
-        elif isinstance(value, int | float) and math.isfinite(float(value)):  # bool included
-            out[name] = float(value)
-    return out

@@ -8,7 +8,6 @@ here too, so every model records exactly which data versions it saw.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,16 @@ import pandas as pd
 import torch
 
 from models.classifier_data import load_images
-from models.data import IMAGES_FILE, read_manifest
-from tasks.common.dvc_hash import dvc_dir_hash
+from tasks.artifacts.audit_output import released_dir
+from tasks.artifacts.dataset import (
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    read_manifest,
+    read_synthesis,
+    stored_size,
+)
+from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.config import Config
-
-SYNTHESIS_FILE = "synthesis.json"
 
 
 @dataclass
@@ -47,17 +51,6 @@ class DataSource:
         return self.images[torch.from_numpy(np.array(indices, dtype=np.int64))]
 
 
-def stored_size(root: Path) -> tuple[int, int]:
-    """(rows, cols) of the images stored in ``root`` (read from the array header only)."""
-    path = Path(root) / IMAGES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing image array")
-    shape = np.load(path, mmap_mode="r").shape
-    if len(shape) != 4 or shape[1] != 2:
-        raise ValueError(f"{path}: expected images of shape (N, 2, rows, cols), got {shape}")
-    return int(shape[2]), int(shape[3])
-
-
 def _check_manifest(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
     if "index" not in frame.columns:
         raise ValueError(f"{root}: the manifest has no 'index' column")
@@ -74,7 +67,7 @@ def real_source(cfg: Config) -> Path:
 
 def synthetic_source(cfg: Config) -> Path:
     """The released (audited) synthetic set."""
-    return Path(cfg.classifier.synthetic or Path(cfg.audit.output) / "released")
+    return Path(cfg.classifier.synthetic or released_dir(Path(cfg.audit.output)))
 
 
 def classifier_size(cfg: Config, synthetic_root: Path | None, real_root: Path) -> tuple[int, int]:
@@ -104,13 +97,9 @@ class ClassifierInputs:
 
 def synthesis_lineage(root: Path) -> dict[str, Any]:
     """Which diffusion model and sampler made the synthetic set (from synthesis.json)."""
-    path = root / SYNTHESIS_FILE
-    if not path.is_file():
+    report = read_synthesis(root)
+    if report is None:
         return {}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     model = report.get("model", {})
     sampler = report.get("sampler", {})
     return {"diffusion_model_version": model.get("version"),
@@ -136,7 +125,7 @@ def load_inputs(cfg: Config, need_synthetic: bool) -> ClassifierInputs:
     synthetic = None
     if need_synthetic:
         assert synthetic_root is not None
-        if not (synthetic_root / "manifest.parquet").is_file():
+        if not (synthetic_root / MANIFEST_FILE).is_file():
             raise FileNotFoundError(f"{synthetic_root}: no released synthetic set (run the audit "
                                     "stage, or set classifier.synthetic)")
         synthetic_manifest = _check_manifest(read_manifest(synthetic_root), synthetic_root)

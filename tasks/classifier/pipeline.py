@@ -14,12 +14,12 @@ the first stage that sees every regime of a task.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+from tasks.artifacts.classifier_folder import INFO_FILE
 from tasks.classifier.inputs import load_inputs
 from tasks.classifier.regimes import USES_SYNTHETIC, TrainingSet, compose
 from tasks.classifier.train import TrainedModel, train_model, write_model_folder
@@ -85,9 +85,8 @@ def _log_model_run(model: TrainedModel, folder: Path, training: TrainingSet) -> 
                        "threshold_rule": info["threshold_rule"],
                        "image_size": "x".join(str(v) for v in info["image_size"]),
                        "precision": info["precision"]})
-    mlflow.log_metrics({k: float(info[k]) for k in ("threshold", "val_auc", "seconds",
-                                                     "images_per_second")
-                        if info.get(k) is not None})
+    mlflow.log_metrics({**{k: float(info[k]) for k in ("threshold", "val_auc")
+                           if info.get(k) is not None}, **model.timings})
     mlflow.set_tags({f"synthdx.lineage.{k}": str(v) for k, v in info["lineage"].items()
                      if v is not None})
     for source in ts["sources"]:
@@ -97,7 +96,7 @@ def _log_model_run(model: TrainedModel, folder: Path, training: TrainingSet) -> 
             meta = MetaDataset(source=_dataset_source(Path(source["root"])),
                                name=f"{source['source']}-{info['task']}", digest=digest[:36])
             mlflow.log_input(meta, context="training")
-    mlflow.log_artifact(str(folder / "model.json"))
+    mlflow.log_artifact(str(folder / INFO_FILE))
     mlflow.log_dict({"summary": ts, "rows": [
         {"source": p.source, "index": [int(i) for i in p.indices]}
         for p in training.parts]}, "training_set.json")
@@ -175,13 +174,3 @@ def run_train_classifier(cfg: Config, tasks: list[str] | None = None,
         mlflow.log_metric("seconds", summary.seconds)
         mlflow.log_dict({"models": summary.models}, "models.json")
     return summary
-
-
-def read_model_infos(root: Path) -> list[dict[str, Any]]:
-    """Every model.json under ``<root>/<task>/<regime>/seed<k>/`` (for registration)."""
-    infos = []
-    for path in sorted(Path(root).glob("*/*/seed*/model.json")):
-        info = json.loads(path.read_text(encoding="utf-8"))
-        info["path"] = str(path.parent)
-        infos.append(info)
-    return infos

@@ -1,24 +1,15 @@
 """Train one downstream classifier and write its model folder.
 
-A model folder ``<task>/<regime>/seed<k>/`` holds::
-
-    model.pt             weights + hyper-parameters + input size (rebuilds the module)
-    model.json           task, regime, seed, threshold (chosen on the internal validation
-                         split), validation AUC, training-set composition, lineage, MLflow run
-    predictions.parquet  one row per validation, internal test and external case: study_uid,
-                         pseudo_id, site, split, sex, age, label, the findings (perugini_grade,
-                         metastasis, superscan; NA where the archive does not record them),
-                         score
-
-The validation stage reads only model.json and predictions.parquet.
+The folder's layout (model.pt, model.json, predictions.parquet) is owned by
+``tasks.artifacts.classifier_folder``; the validation stage reads it through the same module.
+The training time and speed go to the model's MLflow run (``TrainedModel.timings``), not into
+model.json.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.classifier import KeepBestWeights, ScanClassifier, predict_scores
 from models.classifier_data import ClassifierDataModule, LabelledImages
+from tasks.artifacts.classifier_folder import write_classifier_folder
 from tasks.classifier.inputs import ClassifierInputs
 from tasks.classifier.labels import task_labels
 from tasks.classifier.regimes import TrainingSet
@@ -39,19 +31,24 @@ from tasks.common.lightning_console import quiet_lightning
 from tasks.common.precision import auto_precision
 from tasks.config import ClassifierConfig
 
-MODEL_FILE = "model.pt"
-INFO_FILE = "model.json"
-PREDICTIONS_FILE = "predictions.parquet"
 SCORED_SPLITS = ("val", "test", "external")
 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """One trained classifier and its scores on the held-out cases."""
+    """One trained classifier and its scores on the held-out cases.
+
+    Attributes:
+        module: the network with its selected weights.
+        info: what model.json records (no timings: it is a DVC-tracked output).
+        predictions: the scored validation, internal test and external cases.
+        timings: ``seconds`` and ``images_per_second`` of training, for MLflow and the console.
+    """
 
     module: ScanClassifier
     info: dict[str, Any]
     predictions: pd.DataFrame
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def build_classifier(cfg: ClassifierConfig, task: str, pos_weight: float | None
@@ -178,28 +175,15 @@ def train_model(cfg: ClassifierConfig, inputs: ClassifierInputs, training: Train
         "threshold_split": "val", "val_auc": _auc(val_labels, val_scores),
         "val_cases": int(is_val.sum()), "val_positives": int(val_labels.sum()),
         "selected_step": best.best_step, "steps": int(trainer.global_step),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(trainer.global_step * cfg.batch_size / max(seconds, 1e-9), 2),
         "precision": precision, "image_size": list(inputs.size),
         "training_set": training.summary(), "lineage": dict(inputs.lineage),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return TrainedModel(module=module.cpu(), info=info, predictions=predictions)
+    timings = {"seconds": round(seconds, 3), "images_per_second": round(
+        trainer.global_step * cfg.batch_size / max(seconds, 1e-9), 2)}
+    return TrainedModel(module=module.cpu(), info=info, predictions=predictions,
+                        timings=timings)
 
 
 def write_model_folder(folder: Path, model: TrainedModel) -> None:
-    """Write model.pt, model.json and predictions.parquet into ``folder`` (which must exist)."""
-    torch.save({"hparams": dict(model.module.hparams),
-                "state_dict": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
-                "image_size": model.info["image_size"]}, folder / MODEL_FILE)
-    model.predictions.to_parquet(folder / PREDICTIONS_FILE, index=False)
-    (folder / INFO_FILE).write_text(json.dumps(model.info, indent=2) + "\n", encoding="utf-8")
-
-
-def load_classifier(folder: Path) -> tuple[ScanClassifier, tuple[int, int]]:
-    """Rebuild a trained classifier (eval mode) and its input size from its folder."""
-    payload = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=False)
-    module = ScanClassifier(**payload["hparams"])
-    module.load_state_dict(payload["state_dict"])
-    rows, cols = payload["image_size"]
-    return module.eval(), (int(rows), int(cols))
+    """Write the model folder (tasks.artifacts.classifier_folder) into ``folder``."""
+    write_classifier_folder(folder, model.module, model.info, model.predictions)

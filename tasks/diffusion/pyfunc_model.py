@@ -11,7 +11,9 @@ anywhere the dependencies are installed, without this repository:
 
 Each input row is one image: a column per condition factor (missing or None = unconditioned)
 and ``seed``. ``predict`` returns a float32 array (rows, 2, H, W) in [0, 1], anterior and
-posterior views. Only ``models`` is imported: the pyfunc must not need the pipeline's config.
+posterior views. Only ``models`` is imported (the weights file is read by
+``models.module_file``, the one reader of that format): the pyfunc must not need the pipeline's
+config or the ``tasks`` package, which does not travel with the model.
 """
 
 from __future__ import annotations
@@ -34,13 +36,11 @@ class DiffusionSampler(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the module from the ``weights`` artifact (CPU unless a GPU is visible)."""
         from models.diffusion import DiffusionModule
+        from models.module_file import read_module_file
 
-        payload = torch.load(context.artifacts["weights"], map_location="cpu",
-                             weights_only=False)
-        self.module = DiffusionModule(**payload["hparams"])
-        self.module.load_state_dict(payload["state_dict"])
-        self.module.eval()
-        self.size = tuple(int(v) for v in payload["image_size"])
+        file = read_module_file(context.artifacts["weights"])
+        self.module = file.build(DiffusionModule)
+        self.size = file.image_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.module.to(self.device)
 

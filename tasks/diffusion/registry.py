@@ -55,18 +55,18 @@ def _signature(weights: Path, params: dict[str, Any]) -> Any:
     that); the pyfunc coerces and checks the values itself.
     """
     import numpy as np
-    import torch
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import AnyType
 
     from models.conditioning import ConditionSpec
+    from tasks.artifacts.diffusion_model import read_module_file
 
-    payload = torch.load(weights, map_location="cpu", weights_only=False, mmap=True)
-    spec = ConditionSpec.from_dict(payload["hparams"]["spec"])
+    file = read_module_file(weights, mmap=True)
+    spec = ConditionSpec.from_dict(file.hparams["spec"])
     inputs = Schema([*(ColSpec(AnyType(), f.name, required=False) for f in spec.factors),
                      ColSpec("long", "seed")])
-    output = np.zeros((1, 2, *payload["image_size"]), dtype=np.float32)
+    output = np.zeros((1, 2, *file.image_size), dtype=np.float32)
     rest = infer_signature(model_output=output, params=params)
     return ModelSignature(inputs=inputs, outputs=rest.outputs, params=rest.params)
 

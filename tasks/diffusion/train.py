@@ -13,7 +13,6 @@ does not stop it (``BufferedMLFlowLogger`` keeps the log calls until it is back)
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,17 +25,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 
 from models.callbacks import DataLedger, DeviceMemory, SampleGrid, WarmupEMA
 from models.conditioning import ConditionSpec
-from models.data import DiffusionDataModule, read_manifest
+from models.data import DiffusionDataModule
 from models.diffusion import DiffusionModule
-from tasks.common.atomic import atomic_dir, atomic_write_text
+from tasks.artifacts.dataset import read_manifest
+from tasks.artifacts.diffusion_model import (
+    MODEL_NAME,
+    TrainRecord,
+    read_train_record,
+    write_model,
+    write_train_record,
+)
+from tasks.common.atomic import atomic_dir
 from tasks.common.lightning_console import lightning_progress_callbacks, quiet_lightning
 from tasks.common.mlflow_logger import BufferedMLFlowLogger
 from tasks.common.precision import auto_precision
 from tasks.common.tracking import PARENT_ENV, TrackingUnreachable, check_tracking_server
 from tasks.config import Config, DiffusionConfig
-
-MODEL_NAME = "model.pt"
-SUMMARY_NAME = "train_summary.json"
 
 
 @dataclass(frozen=True)
@@ -159,9 +163,11 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
         final_loss=float(loss) if loss is not None else None, seconds=seconds,
         images_per_second=ips, mlflow_run_id=logger.run_id)
     if steps == 0:
-        summary = _carry_over(summary, Path(d.output) / SUMMARY_NAME)
+        summary = _carry_over(summary, Path(d.output))
     if trainer.is_global_zero:
-        logger.log_metrics({"train/images_per_second": ips}, step=trainer.global_step)
+        # Timings live here and on the console, never in the DVC-tracked model folder.
+        logger.log_metrics({"train/images_per_second": ips, "train/seconds": seconds},
+                           step=trainer.global_step)
         _write_model(module, summary, d)
         if logger.unsent:
             raise TrackingUnreachable(
@@ -174,23 +180,21 @@ def train_diffusion(cfg: Config, processed: Path | None = None) -> TrainSummary:
 
             registered = register_model(cfg, Path(d.output) / MODEL_NAME, logger.run_id)
             summary = replace(summary, registered_model=registered)
-            _write_summary(Path(d.output) / SUMMARY_NAME, summary)
+            write_train_record(Path(d.output), _record(summary))
     return summary
 
 
-def _carry_over(summary: TrainSummary, previous: Path) -> TrainSummary:
-    """Keep the loss and speed of the run that trained these weights when this one did not.
+def _carry_over(summary: TrainSummary, output: Path) -> TrainSummary:
+    """Keep the loss of the run that trained these weights when this one trained nothing.
 
     Why: resuming a finished run (``max_steps`` already reached) trains nothing; its summary
-    would otherwise replace the real loss and throughput with "n/a" and 0.
+    would otherwise replace the real loss with "n/a". (Its speed is in that run's MLflow
+    metrics: timings are kept out of the DVC-tracked model folder.)
     """
-    if not previous.is_file():
+    old = read_train_record(output)
+    if old is None or old.global_step != summary.global_step:
         return summary
-    old = json.loads(previous.read_text())
-    if old.get("global_step") != summary.global_step:
-        return summary
-    return replace(summary, final_loss=old.get("final_loss"), seconds=old.get("seconds", 0.0),
-                   images_per_second=old.get("images_per_second", 0.0))
+    return replace(summary, final_loss=old.final_loss)
 
 
 def flops_per_batch(cfg: DiffusionConfig, spec: ConditionSpec) -> int:
@@ -232,36 +236,15 @@ def _resumable(last: Path, module: DiffusionModule) -> tuple[Path | None, int]:
     return last, step
 
 
+def _record(summary: TrainSummary) -> TrainRecord:
+    """The part of the summary that describes the weights (no timings: see diffusion_model)."""
+    return TrainRecord(global_step=summary.global_step, final_loss=summary.final_loss,
+                       mlflow_run_id=summary.mlflow_run_id,
+                       registered_model=summary.registered_model)
+
+
 def _write_model(module: DiffusionModule, summary: TrainSummary, cfg: DiffusionConfig) -> None:
     """The EMA weights (the module holds them after fit) plus what is needed to rebuild it."""
-    payload: dict[str, Any] = {"hparams": dict(module.hparams),
-                               "state_dict": {k: v.detach().cpu()
-                                              for k, v in module.state_dict().items()},
-                               "image_size": [cfg.image_rows, cfg.image_cols],
-                               "global_step": summary.global_step}
     with atomic_dir(Path(cfg.output)) as tmp:
-        torch.save(payload, tmp / MODEL_NAME)
-        _write_summary(tmp / SUMMARY_NAME, summary)
-
-
-def _write_summary(path: Path, summary: TrainSummary) -> None:
-    atomic_write_text(path, json.dumps({
-        "global_step": summary.global_step, "final_loss": summary.final_loss,
-        "seconds": summary.seconds, "images_per_second": summary.images_per_second,
-        "resumed_from": str(summary.resumed_from) if summary.resumed_from else None,
-        "mlflow_run_id": summary.mlflow_run_id,
-        "registered_model": summary.registered_model}, indent=2))
-
-
-def load_trained(output: Path) -> tuple[DiffusionModule, tuple[int, int]]:
-    """The trained module (EMA weights) and its (rows, cols) image size, from one read."""
-    payload = torch.load(Path(output) / MODEL_NAME, map_location="cpu", weights_only=False)
-    module = DiffusionModule(**payload["hparams"])
-    module.load_state_dict(payload["state_dict"])
-    rows, cols = payload["image_size"]
-    return module.eval(), (int(rows), int(cols))
-
-
-def load_model(output: Path) -> DiffusionModule:
-    """Rebuild the trained module (EMA weights) from ``diffusion.output``."""
-    return load_trained(output)[0]
+        write_model(tmp, module, (cfg.image_rows, cfg.image_cols), summary.global_step)
+        write_train_record(tmp, _record(summary))

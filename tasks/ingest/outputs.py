@@ -23,10 +23,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
+from tasks.artifacts import dataset
+from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.common.atomic import atomic_dir, atomic_write_text
-from tasks.common.dvc_hash import dvc_dir_hash
 from tasks.common.montage import write_montage
 from tasks.common.stage_metrics import stage_metrics_path
 from tasks.config import Config, IngestConfig
@@ -77,8 +76,7 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         "strict": cfg.strict,
     }
     with atomic_dir(output) as tmp:
-        np.save(tmp / "images.npy", assembled.images, allow_pickle=False)
-        assembled.manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        dataset.write_dataset(tmp, assembled.images, assembled.manifest)
         with (tmp / "headers.jsonl").open("w", encoding="utf-8") as fh:
             for header in assembled.headers:
                 fh.write(header + "\n")

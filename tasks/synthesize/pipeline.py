@@ -24,19 +24,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.data import read_manifest
+from tasks.artifacts.dataset import SYNTHESIS_FILE, read_manifest, write_dataset, write_synthesis
+from tasks.artifacts.diffusion_model import ModelRef, load_trained, model_ref
 from tasks.common.atomic import atomic_dir, atomic_write_bytes
 from tasks.common.montage import write_montage
 from tasks.common.precision import auto_precision
 from tasks.common.progress import progress
 from tasks.config import Config, SynthesizeConfig
-from tasks.diffusion.train import load_trained
 from tasks.synthesize.dicom_export import export_dicom
-from tasks.synthesize.model_ref import ModelRef, model_ref
 from tasks.synthesize.plan import build_plan, typed_labels
 from tasks.synthesize.sampling_run import generate_rows
 
-REPORT_NAME = "synthesis.json"
+REPORT_NAME = SYNTHESIS_FILE
 PART_BATCHES = 10
 """Batches per saved part of a rank's share: the most work a killed run can lose."""
 DICOM_DIR = "dicom"
@@ -244,9 +243,8 @@ def _write_dataset(output: Path, images: np.ndarray, manifest: pd.DataFrame,
         if dicom_version is not None:
             dicom_files = export_dicom(images, manifest, tmp / DICOM_DIR, dicom_version)
             report["dicom"] = {"folder": DICOM_DIR, "files": dicom_files}
-        np.save(tmp / "images.npy", images, allow_pickle=False)
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        write_dataset(tmp, images, manifest)
         write_montage(images, manifest, tmp / "montage.png", by="group",
                       title="synthetic images per group (anterior | posterior)")
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_synthesis(tmp, report)
     return dicom_files

@@ -1,6 +1,6 @@
 """The validation stage's inputs: the training stage's model folders, checked and aligned.
 
-Layout (written by train_classifier)::
+Layout (written by train_classifier; file names from tasks.artifacts.classifier_folder)::
 
     <classifiers_root>/<task>/<regime>/seed<k>/predictions.parquet
     <classifiers_root>/<task>/<regime>/seed<k>/model.json
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.artifacts.classifier_folder import INFO_FILE as MODEL_FILE
+from tasks.artifacts.classifier_folder import PREDICTIONS_FILE
 from tasks.validate.findings import FINDING_COLUMNS
 
-PREDICTIONS_FILE = "predictions.parquet"
-MODEL_FILE = "model.json"
 PREDICTION_COLUMNS = ("study_uid", "pseudo_id", "site", "split", "sex", "age", "label", "score")
 SPLITS = ("val", "test", "external")
 MODEL_KEYS = ("task", "regime", "seed", "threshold")

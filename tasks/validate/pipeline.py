@@ -11,7 +11,8 @@ Outputs under ``reports_dir``::
 
 The ``validation/`` folder is replaced as a whole (temporary sibling, then rename) and every file
 is written through a temporary name, so a killed run never leaves a half-written report. The
-JSON is checked against its schema before anything is written.
+JSON is checked against its schema before anything is written. No timestamp: the report is a
+DVC output, and validating the same models twice gives the same bytes.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.artifacts.validation_report import (
+    HTML_FILE,
+    METRICS_JSON,
+    PLOTS_DIR,
+    VALIDATION_JSON,
+    write_report_json,
+)
 from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.config import ValidateConfig
 from tasks.validate.assess import (
@@ -44,12 +51,9 @@ from tasks.validate.inputs import ModelRun, TaskCases, align_task, discover_mode
 from tasks.validate.schema import validate_report
 from tasks.validate.subgroups import Interval, subgroup_aucs
 
-VALIDATION_JSON = "validation.json"
-METRICS_JSON = "validation_metrics.json"
-HTML_FILE = "validation.html"
-PLOTS_DIR = "validation"
 POSITIVE_RULE = "score >= threshold"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: no `generated` timestamp and no per-model `created` (the report is a DVC output)."""
 POOLED_METRICS = ("delta_auc", "delta_auc_ci_low", "delta_auc_ci_high", "p_value")
 """The pooled external comparison's numbers logged to MLflow (``<...>.pooled_external.<key>``)."""
 
@@ -115,7 +119,6 @@ def provenance(model: ModelRun) -> dict[str, Any]:
             "model_uri": _optional_str(info.get("model_uri")),
             "training_set": training if isinstance(training, dict) else {},
             "lineage": lineage if isinstance(lineage, dict) else {},
-            "created": _optional_str(info.get("created")),
             "predictions_sha256": model.predictions_sha256}
 
 
@@ -170,7 +173,6 @@ def build_report(models: list[ModelRun], cfg: ValidateConfig, classifiers_root: 
     ordered = sorted(all_sets.values(), key=lambda s: (not s.internal, s.key))
     report = _jsonable({
         "schema_version": SCHEMA_VERSION,
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "classifiers_root": str(classifiers_root),
         "config": cfg.model_dump(mode="json"),
         "positive_rule": POSITIVE_RULE,
@@ -296,6 +298,6 @@ def run_validation(classifiers_root: Path, reports_dir: Path, cfg: ValidateConfi
     html_path = reports_dir / HTML_FILE
     atomic_write_text(metrics_path, json.dumps(dvc_metrics(report), indent=2) + "\n")
     atomic_write_text(html_path, html)
-    atomic_write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_report_json(json_path, report)
     return ValidationResult(report=report, json_path=json_path, metrics_path=metrics_path,
                             html_path=html_path, plots_dir=plots_dir, figures=figures)

@@ -4,6 +4,9 @@
 a stage process does around them: resolve paths from params, log the run (metrics, report,
 plots) to MLflow nested under the pipeline's run, and register each task's champion (chosen on
 internal validation AUC) in the Model Registry.
+
+``headline_table`` is re-exported from tasks.artifacts.validation_report, where it now lives:
+flows/orchestration/summary.py imports it from here.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.classifier.pipeline import read_model_infos
-from tasks.classifier.registry import register_champions
+from tasks.artifacts.classifier_folder import read_model_infos
+from tasks.artifacts.validation_report import headline_table as headline_table
 from tasks.common.tracking import check_tracking_server, log_params, stage_run
 from tasks.config import Config
+from tasks.validate.champions import pick_champions, register_champions
 from tasks.validate.pipeline import ValidationResult, mlflow_payload, run_validation
 
 STAGE = "validate"
@@ -41,26 +45,6 @@ class ValidateSummary:
                           f"  report: {self.result.html_path}",
                           f"  numbers: {self.result.json_path}",
                           f"  MLflow run: {self.mlflow_run_id}"])
-
-
-def headline_table(report: dict[str, Any]) -> str:
-    """Plain-text regime x site table of ensemble AUCs, one block per task."""
-    sets = [s["key"] for s in report["eval_sets"]]
-    internal = {s["key"] for s in report["eval_sets"] if s["internal"]}
-    lines = []
-    for task, doc in report["tasks"].items():
-        names = [s for s in sets if s in doc["eval_sets"]]
-        header = "".join(f"{(s + '*' if s in internal else s):>11}" for s in names)
-        lines.append(f"  {task:<24}{header}")
-        for ens in doc["ensembles"]:
-            cells = "".join(f"{_fmt(ens['sets'].get(s, {}).get('auc')):>11}" for s in names)
-            lines.append(f"    {ens['regime']:<22}{cells}")
-    lines.append("  AUC of each regime's seed ensemble; * internal test split, others external")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def champion_external(report: dict[str, Any], infos: list[dict[str, Any]]
@@ -117,6 +101,4 @@ def validate_stage(cfg: Config) -> ValidateSummary:
 
 
 def _champion_infos(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from tasks.classifier.registry import pick_champions
-
     return list(pick_champions(infos).values())

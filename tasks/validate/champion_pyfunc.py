@@ -1,8 +1,10 @@
 """A registered classifier as an MLflow pyfunc: scans in, probability and decision out.
 
-Logged as "model from code": MLflow stores this file with the model; the ``models`` package
-travels along as a code path and the weights (``model.pt``) and ``model.json`` (threshold,
-task) as artifacts. So a registered champion is usable without this repository:
+Logged as "model from code" by tasks.validate.champions: MLflow stores this file with the
+model; the ``models`` package travels along as a code path and the weights (``model.pt``, read
+by ``models.module_file``, the one reader of that file) and ``model.json`` (threshold, task) as
+artifacts. Only ``models`` may be imported here: ``tasks`` does not travel with the model.
+So a registered champion is usable without this repository:
 
     model = mlflow.pyfunc.load_model("models:/synthdx-classifier-amyloidosis@champion")
     out = model.predict(images)   # images: float32 (n, 2, H, W) in [0, 1]
@@ -31,12 +33,11 @@ class ScanClassifierModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the module from the ``weights`` artifact and read the threshold."""
         from models.classifier import ScanClassifier
+        from models.module_file import read_module_file
 
-        payload = torch.load(context.artifacts["weights"], map_location="cpu",
-                             weights_only=False)
-        self.module = ScanClassifier(**payload["hparams"]).eval()
-        self.module.load_state_dict(payload["state_dict"])
-        self.size = tuple(int(v) for v in payload["image_size"])
+        file = read_module_file(context.artifacts["weights"])
+        self.module = file.build(ScanClassifier)
+        self.size = file.image_size
         with open(context.artifacts["info"], encoding="utf-8") as fh:
             info = json.load(fh)
         self.threshold = float(info["threshold"])

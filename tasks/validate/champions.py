@@ -1,5 +1,8 @@
 """Register the best classifier of each task in the MLflow Model Registry as ``champion``.
 
+The validate stage's job, not train_classifier's: it is the first stage that sees every regime
+of a task. It reads the classifier folders through tasks.artifacts.classifier_folder.
+
 "Best" is the highest AUC on the internal validation split (ties: the earlier regime in the
 canonical order, then the lower seed). Never a test or external number: choosing the champion
 on the data it is reported on would make its reported performance optimistic.
@@ -10,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
+from tasks.artifacts.classifier_folder import INFO_FILE, MODEL_FILE
 from tasks.common.mlflow_logger import quiet_model_logging
 from tasks.config import Config, RegimeName
 
 CHAMPION = "champion"
 ARTIFACT_NAME = "classifier"
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_FILE = Path(__file__).with_name("champion_pyfunc.py")
 REGIME_ORDER = get_args(RegimeName)
 
 
@@ -75,8 +79,8 @@ def register_champions(cfg: Config, infos: list[dict[str, Any]],
             with mlflow.start_run(run_id=run_id, nested=True), quiet_model_logging():
                 logged = mlflow.pyfunc.log_model(
                     name=ARTIFACT_NAME, python_model=str(PYFUNC_FILE),
-                    artifacts={"weights": str(folder / "model.pt"),
-                               "info": str(folder / "model.json")},
+                    artifacts={"weights": str(folder / MODEL_FILE),
+                               "info": str(folder / INFO_FILE)},
                     code_paths=[str(Path(models.classifier.__file__).parent)],
                     pip_requirements=_requirements(), registered_model_name=name,
                     signature=_signature(), await_registration_for=30)
