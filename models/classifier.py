@@ -73,6 +73,10 @@ class ScanClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.net = build_network(architecture, layers, widths, dropout)
         self.val_auroc = BinaryAUROC()
+        # Cases and positives seen by this epoch's validation (this rank): plain attributes,
+        # not buffers, so the state_dict (the model file's weights) is unchanged.
+        self._val_cases = 0
+        self._val_positives = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N,) for images (N, 2, H, W) in [0, 1]."""
@@ -96,12 +100,28 @@ class ScanClassifier(L.LightningModule):
         logits = self(batch["image"])
         self.log("val/loss", self._loss(logits, batch["label"]), batch_size=len(logits),
                  on_epoch=True, sync_dist=True)
-        self.val_auroc.update(torch.sigmoid(logits.float()), batch["label"].long())
+        labels = batch["label"].long()
+        self.val_auroc.update(torch.sigmoid(logits.float()), labels)
+        self._val_cases += int(labels.numel())
+        self._val_positives += int(labels.sum())
 
     def on_validation_epoch_end(self) -> None:
-        """Log the epoch's validation AUC (``val/auc``), then reset the metric."""
-        self.log("val/auc", self.val_auroc.compute(), prog_bar=True, sync_dist=True)
+        """Log the epoch's validation AUC (``val/auc``) when it is defined, then reset.
+
+        Why the check: with one class only (no positive, or no negative, in the validation
+        cases) the AUC is not measurable; torchmetrics would warn and return 0, and model
+        selection would then rank weights by a meaningless number. Nothing is logged instead,
+        so ``KeepBestWeights`` keeps the last weights. The counts are summed over ranks, so
+        every rank makes the same decision (``sync_dist`` logging needs all of them).
+        """
+        counts = torch.tensor([self._val_cases, self._val_positives], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        cases, positives = (int(v) for v in counts.tolist())
+        if 0 < positives < cases:
+            self.log("val/auc", self.val_auroc.compute(), prog_bar=True, sync_dist=True)
         self.val_auroc.reset()
+        self._val_cases = self._val_positives = 0
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with linear warm-up then cosine decay to 5 % of the peak, stepped per batch."""

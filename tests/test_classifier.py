@@ -413,3 +413,25 @@ def test_cli_trains_and_validates_and_names_bad_input(
     no_models = _cli(["validate", "--classifiers", str(tmp_path / "empty"), *_sets(base)])
     assert no_models.exit_code == 1
     assert f"{tmp_path / 'empty'}: classifiers folder not found" in no_models.output
+
+
+@pytest.mark.parametrize(("labels", "measured"), [([0, 0, 0, 0], False), ([0, 1, 0, 1], True)])
+def test_validation_auc_is_not_measured_on_one_class(labels: list[int], measured: bool) -> None:
+    """One-class validation cases: no val/auc (and no torchmetrics warning), not a fake 0."""
+    import warnings
+
+    import lightning as L
+
+    from models.classifier import ScanClassifier
+
+    module = ScanClassifier(layers=[1, 1, 1, 1], widths=[4, 4, 4, 4], max_steps=2,
+                            warmup_steps=1)
+    batches = [{"image": torch.rand(2, 32, 16), "label": torch.tensor(y)} for y in labels]
+    loader = torch.utils.data.DataLoader(batches, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(module, dataloaders=loader, verbose=False)
+    assert ("val/auc" in trainer.callback_metrics) is measured
+    assert not [w for w in caught if "positive samples" in str(w.message).lower()]
