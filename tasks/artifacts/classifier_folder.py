@@ -19,6 +19,7 @@ MLflow metrics of the model's run).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ SEED_GLOB = "*/*/seed*"
 """Model folders below the classifiers root: ``<task>/<regime>/seed<k>``."""
 UNTRACKED_INFO_KEYS = ("seconds", "images_per_second", "created")
 """Keys that must never reach model.json (they differ between reruns of the same inputs)."""
+REQUIRED_INFO_KEYS = ("task", "regime", "seed", "threshold")
+"""What every reader of model.json relies on."""
+
+
+class ModelInfoError(ValueError):
+    """A model.json that cannot be used; the message names the file and the reason."""
 
 
 def write_classifier_folder(folder: Path, module: ScanClassifier, info: dict[str, Any],
@@ -67,11 +74,45 @@ def model_folders(root: Path) -> list[Path]:
             if not any(part.startswith(".") for part in path.relative_to(root).parts)]
 
 
+def read_model_info(path: Path) -> dict[str, Any]:
+    """Read and check one model.json: the required keys, a finite threshold, an integer seed.
+
+    Why checked here: a report or a registry entry built on a misread threshold or seed would
+    be wrong without failing; every reader gets the same checks.
+
+    Raises:
+        ModelInfoError: missing, not JSON, not an object, or a required key missing or mistyped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInfoError(f"{path}: missing (every model folder needs {INFO_FILE})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelInfoError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(info, dict):
+        raise ModelInfoError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    missing = [k for k in REQUIRED_INFO_KEYS if k not in info]
+    if missing:
+        raise ModelInfoError(f"{path}: missing key(s) {missing}")
+    threshold = info["threshold"]
+    if (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+            or not math.isfinite(threshold)):
+        raise ModelInfoError(f"{path}: threshold must be a finite number, got {threshold!r}")
+    if isinstance(info["seed"], bool) or not isinstance(info["seed"], int):
+        raise ModelInfoError(f"{path}: seed must be an integer, got {info['seed']!r}")
+    return info
+
+
 def read_model_infos(root: Path) -> list[dict[str, Any]]:
-    """Every model.json under ``root``, each with ``path`` (its folder) added."""
+    """Every model.json under ``root`` (checked), each with ``path`` (its folder) added.
+
+    Raises:
+        ModelInfoError: one of them cannot be used.
+    """
     infos = []
     for folder in model_folders(root):
-        info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+        info = read_model_info(folder / INFO_FILE)
         info["path"] = str(folder)
         infos.append(info)
     return infos

@@ -24,8 +24,17 @@ from models.dataset_files import IMAGES_FILE, MANIFEST_FILE, read_manifest
 
 SYNTHESIS_FILE = "synthesis.json"
 
-__all__ = ["IMAGES_FILE", "MANIFEST_FILE", "SYNTHESIS_FILE", "has_dataset", "read_manifest",
-           "read_synthesis", "stored_size", "write_dataset", "write_synthesis"]
+__all__ = ["IMAGES_FILE", "MANIFEST_FILE", "SYNTHESIS_FILE", "DatasetError", "DatasetMissing",
+           "has_dataset", "open_dataset", "read_manifest", "read_synthesis", "stored_size",
+           "write_dataset", "write_synthesis"]
+
+
+class DatasetError(ValueError):
+    """A folder that is not a usable dataset; the message names the path and the reason."""
+
+
+class DatasetMissing(DatasetError, FileNotFoundError):
+    """A dataset folder or one of its files does not exist."""
 
 
 def has_dataset(root: Path) -> bool:
@@ -44,6 +53,57 @@ def write_dataset(folder: Path, images: np.ndarray, manifest: pd.DataFrame) -> N
     """
     np.save(Path(folder) / IMAGES_FILE, images, allow_pickle=False)
     manifest.to_parquet(Path(folder) / MANIFEST_FILE, index=False)
+
+
+def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()
+                 ) -> tuple[np.ndarray, pd.DataFrame]:
+    """Open and check a dataset folder: the memory-mapped images and the manifest.
+
+    Why every check here: a stage that reads another stage's dataset must fail on the file
+    that is wrong, with the reason, before hours of work, not later inside a batch.
+
+    Args:
+        root: the folder.
+        what: what it should be (``"processed dataset"``), named in errors.
+        required: manifest columns the caller needs besides ``index``.
+
+    Returns:
+        The (N, 2, rows, cols) image array (memory-mapped) and the manifest sorted by ``index``.
+
+    Raises:
+        DatasetMissing: the folder or one of its two files does not exist.
+        DatasetError: unreadable files, images that are not (N, 2, rows, cols) or none at all,
+            a missing column, or an ``index`` that is not unique rows of the array.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetMissing(f"{root}: {what} folder does not exist")
+    images_path, manifest_path = root / IMAGES_FILE, root / MANIFEST_FILE
+    for path in (images_path, manifest_path):
+        if not path.is_file():
+            raise DatasetMissing(f"{path}: missing; is {root} a {what} folder?")
+    try:
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DatasetError(f"{images_path}: not a readable .npy array ({exc})") from exc
+    if images.ndim != 4 or images.shape[1] != 2:
+        raise DatasetError(f"{images_path}: expected shape (N, 2, rows, cols) with the "
+                           f"anterior and posterior views as channels, got {images.shape}")
+    if images.shape[0] == 0:
+        raise DatasetError(f"{images_path}: holds no images")
+    try:
+        manifest = pd.read_parquet(manifest_path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DatasetError(f"{manifest_path}: not a readable parquet file ({exc})") from exc
+    missing = [c for c in ("index", *required) if c not in manifest.columns]
+    if missing:
+        raise DatasetError(f"{manifest_path}: missing column(s) {', '.join(missing)}")
+    index = manifest["index"].to_numpy()
+    if (len(np.unique(index)) != len(index) or len(index) == 0
+            or index.min() < 0 or index.max() >= images.shape[0]):
+        raise DatasetError(f"{manifest_path}: 'index' must be unique rows of {images_path} "
+                           f"(0..{images.shape[0] - 1})")
+    return images, manifest.sort_values("index").reset_index(drop=True)
 
 
 def stored_size(root: Path) -> tuple[int, int]:

@@ -18,7 +18,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks.artifacts.dataset import IMAGES_FILE, MANIFEST_FILE
+from tasks.artifacts.dataset import (
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    DatasetError,
+    DatasetMissing,
+    open_dataset,
+)
 
 HELDOUT_SPLITS = ("val", "test")
 """Internal held-out splits: same population as train, never seen by generator or encoder."""
@@ -94,37 +100,14 @@ class ImageSet:
 
 
 def _open(root: Path, what: str, required: tuple[str, ...]) -> ImageSet:
-    """Open and check one dataset folder; every failure names the path and the reason."""
-    root = Path(root)
-    if not root.is_dir():
-        raise AuditInputMissing(f"{root}: {what} folder does not exist")
-    images_path, manifest_path = root / IMAGES_FILE, root / MANIFEST_FILE
-    for path in (images_path, manifest_path):
-        if not path.is_file():
-            raise AuditInputMissing(f"{path}: missing; is {root} a {what} folder?")
+    """Open and check one dataset folder (tasks.artifacts.dataset), as audit input errors."""
     try:
-        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise AuditInputError(f"{images_path}: not a readable .npy array ({exc})") from exc
-    if images.ndim != 4 or images.shape[1] != 2:
-        raise AuditInputError(f"{images_path}: expected shape (N, 2, rows, cols) with the "
-                              f"anterior and posterior views as channels, got {images.shape}")
-    if images.shape[0] == 0:
-        raise AuditInputError(f"{images_path}: holds no images")
-    try:
-        manifest = pd.read_parquet(manifest_path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise AuditInputError(f"{manifest_path}: not a readable parquet file ({exc})") from exc
-    missing = [c for c in ("index", *required) if c not in manifest.columns]
-    if missing:
-        raise AuditInputError(f"{manifest_path}: missing column(s) {', '.join(missing)}")
-    index = manifest["index"].to_numpy()
-    if (len(np.unique(index)) != len(index) or len(index) == 0
-            or index.min() < 0 or index.max() >= images.shape[0]):
-        raise AuditInputError(f"{manifest_path}: 'index' must be unique rows of {images_path} "
-                              f"(0..{images.shape[0] - 1})")
-    manifest = manifest.sort_values("index").reset_index(drop=True)
-    return ImageSet(root=root, manifest=manifest, images=images)
+        images, manifest = open_dataset(root, what, required)
+    except DatasetMissing as exc:
+        raise AuditInputMissing(str(exc)) from exc
+    except DatasetError as exc:
+        raise AuditInputError(str(exc)) from exc
+    return ImageSet(root=Path(root), manifest=manifest, images=images)
 
 
 def open_processed(root: Path) -> ImageSet:

@@ -12,8 +12,6 @@ built on a silently skipped or misread model would compare the wrong things.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.artifacts import classifier_folder
 from tasks.artifacts.classifier_folder import INFO_FILE as MODEL_FILE
-from tasks.artifacts.classifier_folder import PREDICTIONS_FILE
+from tasks.artifacts.classifier_folder import PREDICTIONS_FILE, ModelInfoError
 from tasks.validate.findings import FINDING_COLUMNS
 
 PREDICTION_COLUMNS = ("study_uid", "pseudo_id", "site", "split", "sex", "age", "label", "score")
 SPLITS = ("val", "test", "external")
-MODEL_KEYS = ("task", "regime", "seed", "threshold")
 SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
@@ -114,26 +112,11 @@ def read_predictions(path: Path) -> pd.DataFrame:
 
 
 def read_model_info(path: Path) -> dict[str, Any]:
-    """Read and check one ``model.json`` (required keys, a finite threshold, an integer seed)."""
-    if not path.is_file():
-        raise ValidationInputError(f"{path}: missing (every model folder needs {MODEL_FILE})")
+    """One checked ``model.json`` (tasks.artifacts.classifier_folder), as a validation error."""
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationInputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(info, dict):
-        raise ValidationInputError(f"{path}: expected a JSON object, got {type(info).__name__}")
-    missing = [k for k in MODEL_KEYS if k not in info]
-    if missing:
-        raise ValidationInputError(f"{path}: missing key(s) {missing}")
-    threshold = info["threshold"]
-    if (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-            or not math.isfinite(threshold)):
-        raise ValidationInputError(f"{path}: threshold must be a finite number, got "
-                                   f"{threshold!r}")
-    if isinstance(info["seed"], bool) or not isinstance(info["seed"], int):
-        raise ValidationInputError(f"{path}: seed must be an integer, got {info['seed']!r}")
-    return info
+        return classifier_folder.read_model_info(path)
+    except ModelInfoError as exc:
+        raise ValidationInputError(str(exc)) from exc
 
 
 def load_model(model_dir: Path) -> ModelRun:
