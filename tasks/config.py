@@ -108,6 +108,8 @@ def _set_section_defaults(cls: type[BaseModel], section: str) -> None:
         if name not in values:
             raise TypeError(f"{where}{name} is missing: every field of {cls.__name__} takes "
                             f"its default from there")
+        # Annotations are strings here (``from __future__ import annotations``) and pydantic
+        # resolves them only after this hook; the default is typed now, in this module's names.
         hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation
         try:
             default = TypeAdapter(hint).validate_python(values[name])
