@@ -97,7 +97,7 @@ def load_report(path: Path) -> dict[str, Any] | None:
 
 def headline(reports_dir: Path) -> tuple[str | None, Path | None]:
     """The headline table from ``<reports>/validation.json`` and the HTML report's path."""
-    from tasks.validate.stage import headline_table
+    from tasks.artifacts.validation_report import headline_table
 
     report = load_report(reports_dir / "validation.json")
     if report is None:
