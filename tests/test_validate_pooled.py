@@ -7,7 +7,6 @@ Real behaviour on simulated scores with a known truth: binormal scores whose AUC
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -266,15 +265,17 @@ def test_fixed_effect_combines_independent_sites() -> None:
     assert (low, high) == pytest.approx((0.05 - 1.959964 * se, 0.05 + 1.959964 * se))
 
 
-def test_bootstrap_is_fast_at_a_realistic_size() -> None:
-    """Five sites x 1,500 cases (1,100 patients each) x 1,000 resamples: well under seconds."""
+def test_bootstrap_runs_at_a_realistic_size() -> None:
+    """Five sites x 1,500 cases (1,100 patients each) x 1,000 resamples, clustered by patient.
+
+    Its speed is measured by benchmarks/bench_pooled_bootstrap.py, not here: a wall-clock
+    limit in a test fails on a loaded machine.
+    """
     rng = np.random.default_rng(0)
     sites = []
     for k in range(5):
         s = simulated_site(rng, f"site{k}", 1500, 0.8, 0.77)
         _, patients = np.unique(rng.integers(0, 1100, 1500), return_inverse=True)
         sites.append(SiteScores(s.key, s.labels, s.scores_with, s.scores_without, patients))
-    started = time.perf_counter()
     pooled = pooled_comparison(sites, resamples=1000, confidence=0.95, seed=0)
-    assert time.perf_counter() - started < 5.0
     assert pooled is not None and pooled["bootstrap"] == 1000
