@@ -172,6 +172,7 @@ STAGES: tuple[Stage, ...] = (
         errors=("ValueError", "OSError", "RuntimeError"), distributed=True, pool="gpu"),
     Stage(
         name="audit", section="audit", run="tasks.audit.pipeline:run_audit",
+        track="tasks.audit.tracking:log_audit",
         help="Quality and privacy audit; writes the released synthetic set without withheld "
              "images.",
         options=(Shorthand("synthetic", Path | None, "Synthetic dataset folder.",

@@ -27,6 +27,7 @@ from tasks.audit.quality import (
     prdc,
     two_sample_auc,
 )
+from tasks.audit.tracking import log_audit
 from tasks.config import load_config
 from tests.conftest import PARAMS
 
@@ -254,7 +255,10 @@ def test_fresh_draws_pass_and_planted_copies_are_withheld(tmp_path, processed, m
         np.concatenate([grade, np.tile(src_grade, 3)]), np.concatenate([met, np.tile(src_met, 3)]),
         [f"syn-{i:07d}" for i in range(60)] + planted_ids)
 
-    result = run_audit(_cfg(tmp_path, processed, synthetic))
+    cfg = _cfg(tmp_path, processed, synthetic)
+    work = run_audit(cfg)
+    assert work.mlflow_run_id is None  # the work opens no MLflow run: the adapter does
+    result = log_audit(cfg, work)
 
     out = tmp_path / "audit"
     withheld = pd.read_csv(out / "withheld.csv")

@@ -21,6 +21,7 @@ import torch
 
 from tasks.audit.matching import class_matched, strata, stratum_name
 from tasks.audit.pipeline import run_audit
+from tasks.audit.tracking import log_audit
 from tasks.audit.tstr import TASKS, matched_draw, run_tstr
 from tasks.config import AuditTstrConfig, load_config
 from tests.conftest import PARAMS
@@ -85,7 +86,7 @@ def test_held_out_real_images_are_indistinguishable_and_as_useful_as_real(tmp_pa
         "audit.two_sample_folds=3", "audit.pixel_critic_steps=40", "audit.msssim_pairs=20",
         f"audit.tstr.steps={STEPS}"])
 
-    result = run_audit(cfg)
+    result = log_audit(cfg, run_audit(cfg))
 
     quality = json.loads((tmp_path / "audit" / "audit.json").read_text())["quality"]
     tstr = quality["tstr"]

@@ -6,18 +6,18 @@ class-matched synthetic subsample, so the class mix the synthesis asked for is n
 a difference) and per finding class, each beside a reference computed the same way on real
 held-out images (what "as good as real" looks like at these sample sizes); train-on-synthetic /
 test-on-real per downstream task; nearest-training-image similarity with a threshold from
-held-out images; then all outputs, atomically, and one MLflow run.
+held-out images; then all outputs, atomically. The MLflow run is the adapter's
+(tasks/audit/tracking.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 
@@ -53,13 +53,27 @@ from tasks.audit.report import (
 )
 from tasks.audit.tstr import TARGET_RATIO, VAL_SPLIT, run_tstr, tstr_metrics
 from tasks.common.atomic import atomic_dir
-from tasks.common.flatten import metric_values
 from tasks.common.stage_metrics import stage_metrics_path
-from tasks.common.tracking import log_params, stage_run
 from tasks.config import AuditConfig, Config
 
 METRICS_FILE = "audit_metrics.json"
 QUALITY_KEYS = ("fid", "precision", "recall", "density", "coverage", "two_sample_auc")
+
+
+@dataclass(frozen=True)
+class AuditTracking:
+    """What the audit's MLflow run records, handed from the work to its adapter.
+
+    Why a separate record: the audit's work is a plain function of its inputs; the MLflow run
+    is opened by ``tasks.audit.tracking.log_audit`` at the edge, like every other stage's.
+    Timings live here and in MLflow only, never in ``audit.json`` (a DVC output).
+    """
+
+    tags: dict[str, str]
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    artifacts: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -81,10 +95,11 @@ class AuditResult:
     two_sample_auc_features: float | None
     two_sample_auc_pixels: float | None
     seconds: float
-    mlflow_run_id: str | None
+    mlflow_run_id: str | None = None  # set by the MLflow adapter (tasks/audit/tracking.py)
     class_matched_n: int | None = None
     tstr: dict[str, dict[str, float | None]] | None = None
     tstr_meets_target: bool | None = None
+    tracking: AuditTracking | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
         """One short paragraph for the CLI."""
@@ -286,86 +301,86 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
     device = pick_device()
     tags = {"synthdx.processed": str(processed), "synthdx.synthetic": str(synthetic_root),
             "synthdx.synthetic_digest": digests["synthetic"]}
-    with stage_run(cfg.mlflow, "audit", tags) as run:
-        log_params({"audit": a.model_dump(mode="json"), "device": str(device),
-                    "image_size": list(x.synthetic.size)})
-        tick = time.perf_counter()
-        train_manifest = x.real.manifest[x.train_mask]
-        held_manifest = x.real.manifest[x.heldout_mask]
-        encoder, info = train_encoder(
-            x.train, train_manifest["perugini_grade"].to_numpy(),
-            train_manifest["metastasis"].to_numpy(dtype=bool), a.encoder, device)
-        info.heldout = heldout_skill(encoder, x.heldout,
-                                     held_manifest["perugini_grade"].to_numpy(),
-                                     held_manifest["metastasis"].to_numpy(dtype=bool))
-        timings["encoder"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    train_manifest = x.real.manifest[x.train_mask]
+    held_manifest = x.real.manifest[x.heldout_mask]
+    encoder, info = train_encoder(
+        x.train, train_manifest["perugini_grade"].to_numpy(),
+        train_manifest["metastasis"].to_numpy(dtype=bool), a.encoder, device)
+    info.heldout = heldout_skill(encoder, x.heldout,
+                                 held_manifest["perugini_grade"].to_numpy(),
+                                 held_manifest["metastasis"].to_numpy(dtype=bool))
+    timings["encoder"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        rng = np.random.default_rng(a.seed)
-        ref_rows = np.sort(rng.permutation(len(x.train))[:a.max_real])
-        feats = standardise({"train": embed(encoder, x.train[torch.from_numpy(ref_rows)]),
-                             "heldout": embed(encoder, x.heldout),
-                             "synthetic": embed(encoder, x.images)})
-        match = class_matched(train_manifest.iloc[ref_rows], x.synthetic.manifest, a.seed)
-        quality = _quality(a, x, feats, ref_rows, match, device)
-        timings["quality"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    rng = np.random.default_rng(a.seed)
+    ref_rows = np.sort(rng.permutation(len(x.train))[:a.max_real])
+    feats = standardise({"train": embed(encoder, x.train[torch.from_numpy(ref_rows)]),
+                         "heldout": embed(encoder, x.heldout),
+                         "synthetic": embed(encoder, x.images)})
+    match = class_matched(train_manifest.iloc[ref_rows], x.synthetic.manifest, a.seed)
+    quality = _quality(a, x, feats, ref_rows, match, device)
+    timings["quality"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        is_val = held_manifest["split"].astype(str).to_numpy() == VAL_SPLIT
-        quality["tstr"] = run_tstr(x.images, x.synthetic.manifest, x.train, train_manifest,
-                                   x.heldout[torch.from_numpy(is_val)], held_manifest[is_val],
-                                   a.tstr, device)
-        timings["tstr"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    is_val = held_manifest["split"].astype(str).to_numpy() == VAL_SPLIT
+    quality["tstr"] = run_tstr(x.images, x.synthetic.manifest, x.train, train_manifest,
+                               x.heldout[torch.from_numpy(is_val)], held_manifest[is_val],
+                               a.tstr, device)
+    timings["tstr"] = time.perf_counter() - tick
 
-        tick = time.perf_counter()
-        check = check_privacy(x.images, x.train, x.heldout, a.privacy.quantile, device)
-        table = nearest_table(x.synthetic, train_manifest, check.nearest, check.ncc,
-                              check.ssim, check.withheld)
-        privacy = _privacy_doc(check, table, a.privacy.pairs_shown)
-        timings["privacy"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    check = check_privacy(x.images, x.train, x.heldout, a.privacy.quantile, device)
+    table = nearest_table(x.synthetic, train_manifest, check.nearest, check.ncc,
+                          check.ssim, check.withheld)
+    privacy = _privacy_doc(check, table, a.privacy.pairs_shown)
+    timings["privacy"] = time.perf_counter() - tick
 
-        # Timings and the run ID go to MLflow only: audit.json is a DVC output, and a rerun on
-        # the same inputs must give the same bytes, or everything downstream reruns.
-        encoder_doc = {**{k: v for k, v in asdict(info).items() if k != "seconds"},
-                       "architecture": "MONAI ResidualUnit CNN, multi-task "
-                       "(Perugini grade 4-way, metastasis)", "device": str(device)}
-        timings["encoder_training"] = info.seconds
-        quality["tstr"].pop("seconds", None)
-        metrics = dvc_metrics(quality, privacy, encoder_doc)
-        document = {
-            "generator": "synthdx audit",
-            "inputs": {"processed": str(processed), "synthetic": str(synthetic_root),
-                       "digests": digests, "image_size": list(x.synthetic.size),
-                       "real_train": int(x.train_mask.sum()),
-                       "real_train_in_quality_metrics": len(ref_rows),
-                       "synthetic_in_overall_metrics": match.doc["n_used"],
-                       "real_heldout": int(x.heldout_mask.sum()),
-                       "synthetic_images": len(x.images)},
-            "classes": CLASS_DEFINITIONS,
-            "encoder": encoder_doc,
-            "quality": quality,
-            "privacy": privacy,
-            "config": a.model_dump(mode="json"),
-        }
-        output = Path(a.output)
-        with atomic_dir(output) as tmp:
-            released = write_released(x.synthetic, ~check.withheld, tmp / RELEASED_DIR)
-            table.to_csv(tmp / NEAREST_CSV, index=False)
-            table[table["withheld"]].drop(columns="withheld").to_csv(tmp / WITHHELD_CSV,
-                                                                     index=False)
-            plot_pairs(tmp / PAIRS_PNG, x.images, x.train, table, check.nearest,
-                       a.privacy.pairs_shown)
-            write_json(tmp / AUDIT_JSON, document)
-        timings["total"] = time.perf_counter() - started
-        metrics_path = stage_metrics_path(cfg.reports_dir, output,
-                                          AuditConfig.model_fields["output"].default,
-                                          METRICS_FILE)
-        if metrics_path is not None:
-            write_json(metrics_path, metrics)
-        mlflow.log_metrics(metric_values(metrics))
-        mlflow.log_metrics({f"seconds/{k}": v for k, v in timings.items()})
-        for name in (AUDIT_JSON, PAIRS_PNG, WITHHELD_CSV, NEAREST_CSV):
-            mlflow.log_artifact(str(output / name))
+    # Timings and the run ID go to MLflow only: audit.json is a DVC output, and a rerun on
+    # the same inputs must give the same bytes, or everything downstream reruns.
+    encoder_doc = {**{k: v for k, v in asdict(info).items() if k != "seconds"},
+                   "architecture": "MONAI ResidualUnit CNN, multi-task "
+                   "(Perugini grade 4-way, metastasis)", "device": str(device)}
+    timings["encoder_training"] = info.seconds
+    quality["tstr"].pop("seconds", None)
+    metrics = dvc_metrics(quality, privacy, encoder_doc)
+    document = {
+        "generator": "synthdx audit",
+        "inputs": {"processed": str(processed), "synthetic": str(synthetic_root),
+                   "digests": digests, "image_size": list(x.synthetic.size),
+                   "real_train": int(x.train_mask.sum()),
+                   "real_train_in_quality_metrics": len(ref_rows),
+                   "synthetic_in_overall_metrics": match.doc["n_used"],
+                   "real_heldout": int(x.heldout_mask.sum()),
+                   "synthetic_images": len(x.images)},
+        "classes": CLASS_DEFINITIONS,
+        "encoder": encoder_doc,
+        "quality": quality,
+        "privacy": privacy,
+        "config": a.model_dump(mode="json"),
+    }
+    output = Path(a.output)
+    with atomic_dir(output) as tmp:
+        released = write_released(x.synthetic, ~check.withheld, tmp / RELEASED_DIR)
+        table.to_csv(tmp / NEAREST_CSV, index=False)
+        table[table["withheld"]].drop(columns="withheld").to_csv(tmp / WITHHELD_CSV,
+                                                                 index=False)
+        plot_pairs(tmp / PAIRS_PNG, x.images, x.train, table, check.nearest,
+                   a.privacy.pairs_shown)
+        write_json(tmp / AUDIT_JSON, document)
+    timings["total"] = time.perf_counter() - started
+    metrics_path = stage_metrics_path(cfg.reports_dir, output,
+                                      AuditConfig.model_fields["output"].default,
+                                      METRICS_FILE)
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    tracking = AuditTracking(
+        tags=tags,
+        params={"audit": a.model_dump(mode="json"), "device": str(device),
+                "image_size": list(x.synthetic.size)},
+        metrics=metrics, timings=timings,
+        artifacts=tuple(output / name for name in (AUDIT_JSON, PAIRS_PNG, WITHHELD_CSV,
+                                                   NEAREST_CSV)))
     overall = quality["overall"]
     return AuditResult(
         output=output, metrics_path=metrics_path, synthetic=len(x.images), released=released,
@@ -375,7 +390,7 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         recall=overall["recall"], coverage=overall["coverage"],
         two_sample_auc_features=overall["two_sample_auc"],
         two_sample_auc_pixels=overall["two_sample_auc_pixels"],
-        seconds=time.perf_counter() - started, mlflow_run_id=run.info.run_id,
+        seconds=time.perf_counter() - started,
         class_matched_n=match.doc["n_used"] if match.applied else None,
         tstr=None if "note" in quality["tstr"] else metrics["tstr"],
-        tstr_meets_target=quality["tstr"]["meets_target"])
+        tstr_meets_target=quality["tstr"]["meets_target"], tracking=tracking)
