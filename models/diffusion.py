@@ -294,12 +294,12 @@ class DiffusionModule(L.LightningModule):
     the checkpoint format, so a run may be resumed with them switched and a saved model is
     rebuilt without them.
 
-    The argument defaults are not the pipeline's defaults (params.yaml holds those): the
-    pipeline passes every argument from the diffusion section of the configuration
-    (``tasks/diffusion/train.py:build_module``; tests/test_defaults.py fails if one is left to
-    its default), and everything but the speed options is saved in ``hparams``, so a model
-    file is rebuilt with what it was trained with. The defaults serve the unit tests' small
-    modules, and model files written before an argument existed: ``prediction_type``
+    Every argument is given by the caller: the pipeline passes each one from the diffusion
+    section of the configuration (``tasks/diffusion/train.py:module_args``; params.yaml holds
+    the defaults, and tests/test_defaults.py fails if one is left out), and everything but the
+    speed options is saved in ``hparams``, so a model file is rebuilt with what it was trained
+    with. The few defaults left are not settings but the values of model files written before
+    an argument existed (and the speed options' "off"): ``prediction_type``
     ``epsilon``, ``patch_size`` 1, ``loss_weighting`` ``uniform``, ``intensity_transform``
     ``linear`` and ``train_seed`` 0 are what those models were trained with, and the schedule
     (``scaled_linear_beta``, betas 0.0005 to 0.0195) is the one every model has had so far.
@@ -308,29 +308,29 @@ class DiffusionModule(L.LightningModule):
     def __init__(
         self,
         spec: ConditionSpec | Mapping[str, Any],
-        channels: Sequence[int] = (32, 64, 64),
-        attention_levels: Sequence[bool] = (False, False, True),
-        num_res_blocks: int | Sequence[int] = 1,
-        num_head_channels: int | Sequence[int] = 32,
-        norm_num_groups: int = 16,
-        num_train_timesteps: int = 1000,
+        *,
+        channels: Sequence[int],
+        attention_levels: Sequence[bool],
+        num_res_blocks: int | Sequence[int],
+        num_head_channels: int | Sequence[int],
+        norm_num_groups: int,
+        num_train_timesteps: int,
+        cond_dropout: float,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        max_steps: int,
+        min_lr_ratio: float,
+        val_seed: int,
         schedule: str = "scaled_linear_beta",
         beta_start: float = 0.0005,
         beta_end: float = 0.0195,
-        cond_dropout: float = 0.1,
-        lr: float = 2e-4,
-        weight_decay: float = 1e-2,
-        warmup_steps: int = 100,
-        max_steps: int = 10_000,
-        min_lr_ratio: float = 0.05,
-        val_seed: int = 0,
         prediction_type: str = "epsilon",
         patch_size: int = 1,
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         intensity_transform: str = "linear",
         train_seed: int = 0,
-        *,
         compile: bool = False,  # noqa: A002 - the name the configuration uses
         channels_last: bool = False,
         flash_attention: bool = False,

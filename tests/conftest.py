@@ -18,6 +18,24 @@ PARAMS = REPO / "params.yaml"
 BIN = Path(sys.executable).parent
 
 
+def diffusion_module(spec: Any, **overrides: Any) -> Any:
+    """A ``DiffusionModule`` with params.yaml's diffusion settings, overridden for a test.
+
+    Why: the module's constructor has no defaults for settings (the configuration is their
+    one place), so a test's small module starts from the configuration's values. The unit
+    tests of the network's arithmetic are written for the plainest model (no patch folding,
+    epsilon prediction, linear intensity, uniform loss): those are pinned here, and a test of
+    one of them sets it itself.
+    """
+    from models.diffusion import DiffusionModule
+    from tasks.config import DiffusionConfig
+    from tasks.diffusion.train import module_args
+
+    plain = {"patch_size": 1, "prediction_type": "epsilon", "intensity_transform": "linear",
+             "loss_weighting": "uniform", "min_lr_ratio": 0.05}
+    return DiffusionModule(spec, **{**module_args(DiffusionConfig()), **plain, **overrides})
+
+
 def make_project(root: Path, env: Mapping[str, str],
                  edit_params: Callable[[dict[str, Any]], None]) -> None:
     """A fresh git + DVC project in ``root`` holding this checkout's code and parameters.

@@ -14,6 +14,7 @@ from models.conditioning import ConditionEmbedding, ConditionSpec
 from models.data import DiffusionDataModule, ProcessedImages
 from models.diffusion import DiffusionModule, build_unet, warmup_cosine
 from models.sampling import sample
+from tests.conftest import diffusion_module
 
 ROWS, COLS = 32, 16
 TINY = dict(channels=(16, 32), attention_levels=(False, False), num_res_blocks=1,
@@ -72,7 +73,7 @@ class _LossRecorder(L.Callback):
 def _fit(root: Path, spec: ConditionSpec, steps: int, seed: int = 0
          ) -> tuple[DiffusionModule, list[float], dict[str, torch.Tensor]]:
     L.seed_everything(seed, workers=True)
-    module = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS, cond_dropout=0.2,
+    module = diffusion_module(spec, **TINY, num_train_timesteps=TIMESTEPS, cond_dropout=0.2,
                              lr=2e-3, warmup_steps=3, max_steps=steps)
     data = DiffusionDataModule(root, spec, (ROWS, COLS), batch_size=8, num_workers=0)
     recorder = _LossRecorder()
@@ -174,7 +175,7 @@ def test_warmup_cosine_schedule() -> None:
 def test_velocity_prediction_targets_velocity_and_samples(spec: ConditionSpec) -> None:
     """A v-prediction model regresses sqrt(abar)*eps - sqrt(1-abar)*x0 and samples with it."""
     torch.manual_seed(0)
-    module = DiffusionModule(spec, channels=(8, 8), attention_levels=(False, False),
+    module = diffusion_module(spec, channels=(8, 8), attention_levels=(False, False),
                              norm_num_groups=4, num_head_channels=8, num_train_timesteps=50,
                              prediction_type="v_prediction").eval()
     images = torch.rand(3, 2, ROWS, COLS)
@@ -194,7 +195,7 @@ def test_velocity_prediction_targets_velocity_and_samples(spec: ConditionSpec) -
                  null_cond=spec.null_indices, **module.noise_schedule)
     assert out.shape == (1, 2, ROWS, COLS) and bool(torch.isfinite(out).all())
     with pytest.raises(ValueError, match="prediction_type"):
-        DiffusionModule(spec, prediction_type="x0")
+        diffusion_module(spec, prediction_type="x0")
 
 
 def test_training_lowers_loss_and_logs(trained) -> None:  # noqa: ANN001
@@ -263,7 +264,7 @@ def test_sampling_rejects_bad_requests(trained) -> None:  # noqa: ANN001
 
 def test_patched_unet_folds_pixels_and_keeps_the_image_shape(spec: ConditionSpec) -> None:
     """patch_size 2: the UNet sees a quarter of the positions, the output is pixel-shaped."""
-    module = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS, patch_size=2)
+    module = diffusion_module(spec, **TINY, num_train_timesteps=TIMESTEPS, patch_size=2)
     inner = module.unet.inner
     assert inner.conv_in.conv.in_channels == 8  # 2 views x 2 x 2 pixels
     with torch.no_grad():  # MONAI zero-initialises the output convolution
@@ -284,9 +285,9 @@ def test_patched_unet_folds_pixels_and_keeps_the_image_shape(spec: ConditionSpec
 
 def test_min_snr_weights_clip_the_easy_timesteps(spec: ConditionSpec) -> None:
     """Min-SNR-5: nearly clean timesteps weigh gamma/(SNR+1) << 1 in velocity units."""
-    uniform = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS,
+    uniform = diffusion_module(spec, **TINY, num_train_timesteps=TIMESTEPS,
                               prediction_type="v_prediction")
-    weighted = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS,
+    weighted = diffusion_module(spec, **TINY, num_train_timesteps=TIMESTEPS,
                                prediction_type="v_prediction", loss_weighting="min_snr")
     t = torch.tensor([0, TIMESTEPS // 2, TIMESTEPS - 1])
     assert torch.equal(uniform.loss_weights(t, epsilon=False), torch.ones(3))
@@ -296,7 +297,7 @@ def test_min_snr_weights_clip_the_easy_timesteps(spec: ConditionSpec) -> None:
     assert torch.allclose(w, snr.clamp(max=5.0) / (snr + 1))
     assert w[0] < 0.01 < w[1]
     with pytest.raises(ValueError, match="loss_weighting"):
-        DiffusionModule(spec, **TINY, loss_weighting="snr")
+        diffusion_module(spec, **TINY, loss_weighting="snr")
 
 
 def test_warmup_ema_follows_the_trained_weights_early() -> None:
@@ -337,9 +338,9 @@ def test_sqrt_intensity_round_trips_and_darkens_background_residue(spec: Conditi
     residue = torch.full((1,), -1.0 + 0.1)  # 0.05 above black in [0, 1] units
     assert to_image_range(residue, "linear").item() == pytest.approx(0.05)
     assert to_image_range(residue, "sqrt").item() == pytest.approx(0.0025)
-    module = DiffusionModule(spec, **TINY, num_train_timesteps=TIMESTEPS,
+    module = diffusion_module(spec, **TINY, num_train_timesteps=TIMESTEPS,
                              intensity_transform="sqrt")
     assert module.intensity == "sqrt"
     assert DiffusionModule(**module.hparams).intensity == "sqrt"
     with pytest.raises(ValueError, match="intensity"):
-        DiffusionModule(spec, **TINY, intensity_transform="log")
+        diffusion_module(spec, **TINY, intensity_transform="log")

@@ -17,6 +17,7 @@ from monai.networks.schedulers import DDIMScheduler
 from models.conditioning import ConditionSpec
 from models.diffusion import SPEED_OPTIONS, DiffusionModule, set_flash_attention, to_image_range
 from models.sampling import sample
+from tests.conftest import diffusion_module
 
 ROWS, COLS = 16, 8
 TINY_ATTN = dict(channels=(16, 32), attention_levels=(False, True), num_res_blocks=1,
@@ -40,7 +41,7 @@ def spec() -> ConditionSpec:
 def _module(spec: ConditionSpec, **options: object) -> DiffusionModule:
     """A tiny module with deterministic, non-degenerate weights (MONAI zero-inits some convs)."""
     torch.manual_seed(0)
-    module = DiffusionModule(spec, **TINY_ATTN, **options)
+    module = diffusion_module(spec, **TINY_ATTN, **options)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, param in sorted(module.unet.named_parameters()):
@@ -56,12 +57,12 @@ def _inputs(spec: ConditionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def test_speed_options_are_off_and_not_hyperparameters(spec: ConditionSpec) -> None:
-    module = DiffusionModule(spec, **TINY_ATTN)
+    module = diffusion_module(spec, **TINY_ATTN)
     assert module.speed_options == {"compile": False, "channels_last": False,
                                     "flash_attention": False, "fused_adamw": None,
                                     "tf32": False, "cudnn_benchmark": False}
     assert not set(SPEED_OPTIONS) & set(module.hparams)
-    fast = DiffusionModule(spec, **TINY_ATTN, compile=True, channels_last=True,
+    fast = diffusion_module(spec, **TINY_ATTN, compile=True, channels_last=True,
                            flash_attention=True, fused_adamw=True, tf32=True,
                            cudnn_benchmark=True)
     # Same hyper-parameters: a run may resume with the options switched, saved models
@@ -74,17 +75,17 @@ def test_speed_options_are_off_and_not_hyperparameters(spec: ConditionSpec) -> N
 
 
 def test_adamw_is_unfused_on_cpu_unless_asked(spec: ConditionSpec) -> None:
-    default = DiffusionModule(spec, **TINY_ATTN).configure_optimizers()["optimizer"]
+    default = diffusion_module(spec, **TINY_ATTN).configure_optimizers()["optimizer"]
     assert not default.defaults.get("fused")
-    fused = DiffusionModule(spec, **TINY_ATTN, fused_adamw=True).configure_optimizers()
+    fused = diffusion_module(spec, **TINY_ATTN, fused_adamw=True).configure_optimizers()
     assert fused["optimizer"].defaults["fused"] is True
 
 
 def test_compile_is_off_by_default_and_in_place_when_asked(spec: ConditionSpec) -> None:
-    plain = DiffusionModule(spec, **TINY_ATTN)
+    plain = diffusion_module(spec, **TINY_ATTN)
     plain.on_fit_start()
     assert plain.unet._compiled_call_impl is None
-    compiled = DiffusionModule(spec, **TINY_ATTN, compile=True)
+    compiled = diffusion_module(spec, **TINY_ATTN, compile=True)
     keys = list(compiled.state_dict())
     compiled.on_fit_start()  # torch.compile is lazy: nothing is compiled until a call
     assert compiled.unet._compiled_call_impl is not None

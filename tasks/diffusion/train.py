@@ -75,9 +75,18 @@ def resolve_precision(cfg: DiffusionConfig) -> str:
 
 def build_module(cfg: DiffusionConfig, spec: ConditionSpec) -> DiffusionModule:
     """The LightningModule from the diffusion parameters."""
+    return DiffusionModule(spec, **module_args(cfg))
+
+
+def module_args(cfg: DiffusionConfig) -> dict[str, Any]:
+    """Every ``DiffusionModule`` argument but the conditions, from the diffusion parameters.
+
+    Why every one: the module's constructor keeps no defaults of its own for settings, so the
+    configuration (params.yaml, a profile, ``--set``) is the one place they come from.
+    """
     net = cfg.network
-    return DiffusionModule(
-        spec, channels=net.channels, attention_levels=net.attention_levels,
+    return dict(
+        channels=net.channels, attention_levels=net.attention_levels,
         num_res_blocks=net.num_res_blocks, num_head_channels=net.num_head_channels,
         norm_num_groups=net.norm_num_groups, num_train_timesteps=cfg.num_train_timesteps,
         schedule=cfg.schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
