@@ -38,6 +38,18 @@ class DataLedger(L.Callback):
                                     "rows": self.seen}))
 
 
+def ddim_steps_at_most(steps: int, num_train_timesteps: int) -> int:
+    """The largest DDIM step count up to ``steps`` that divides the training timesteps.
+
+    Why: MONAI's DDIM strides by ``T // steps`` while its timesteps come from a rounded
+    linspace, so a count that does not divide ``T`` samples from the wrong noise levels (the
+    rule the configuration enforces for synthesis); the preview grid follows it whatever the
+    profile's ``T`` (20 steps over the tiny profile's 100, 10 over 50).
+    """
+    return max(n for n in range(1, max(1, min(steps, num_train_timesteps)) + 1)
+               if num_train_timesteps % n == 0)
+
+
 class SampleGrid(L.Callback):
     """Sample one image per finding class with fixed seeds and hand the grid to the logger.
 
@@ -90,8 +102,9 @@ class SampleGrid(L.Callback):
         size = tuple(trainer.datamodule.size) if trainer.datamodule is not None else (64, 16)
         was_training = pl_module.training
         pl_module.eval()
+        steps = ddim_steps_at_most(self.steps, pl_module.noise_schedule["num_train_timesteps"])
         with torch.no_grad():
-            images = sample(pl_module.unet, "ddim", self.steps, cond.to(pl_module.device),
+            images = sample(pl_module.unet, "ddim", steps, cond.to(pl_module.device),
                             self.guidance_scale, [self.seed + i for i in range(len(labels))],
                             (2, *size), pl_module.device, null_cond=pl_module.spec.null_indices,
                             intensity=pl_module.intensity,
@@ -103,7 +116,7 @@ class SampleGrid(L.Callback):
             ax.imshow(pair, cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(label, fontsize=7)
             ax.axis("off")
-        fig.suptitle(f"samples at step {trainer.global_step} (DDIM {self.steps}, "
+        fig.suptitle(f"samples at step {trainer.global_step} (DDIM {steps}, "
                      f"guidance {self.guidance_scale})", fontsize=8)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"samples_{tag}.png"

@@ -344,3 +344,14 @@ def test_sqrt_intensity_round_trips_and_darkens_background_residue(spec: Conditi
     assert DiffusionModule(**module.hparams).intensity == "sqrt"
     with pytest.raises(ValueError, match="intensity"):
         diffusion_module(spec, **TINY, intensity_transform="log")
+
+
+def test_the_preview_grid_samples_with_a_step_count_that_divides_the_timesteps() -> None:
+    """SampleGrid asks for 20 DDIM steps; over 50 timesteps that would break MONAI's stride."""
+    from models.callbacks import ddim_steps_at_most
+
+    assert ddim_steps_at_most(20, 1000) == 20
+    assert ddim_steps_at_most(20, 50) == 10
+    assert ddim_steps_at_most(20, 7) == 7
+    for t in (50, 100, 999, 1000):
+        assert t % ddim_steps_at_most(20, t) == 0
