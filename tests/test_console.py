@@ -124,8 +124,9 @@ def test_registered_signature_accepts_left_out_and_missing_conditions(tmp_path):
     from mlflow.models.utils import _enforce_schema
 
     from models.conditioning import ConditionSpec
-    from tasks.diffusion.pyfunc_model import DEFAULT_PARAMS
-    from tasks.diffusion.registry import _signature
+    from tasks.config import load_config
+    from tasks.diffusion.registry import _signature, serving_settings
+    from tests.conftest import PARAMS
 
     spec = ConditionSpec.build(["perugini_grade", "metastasis"])
     weights = tmp_path / "model.pt"
@@ -133,7 +134,7 @@ def test_registered_signature_accepts_left_out_and_missing_conditions(tmp_path):
                weights)  # the model file's layout (models.module_file), without weights
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        signature = _signature(weights, DEFAULT_PARAMS)
+        signature = _signature(weights, serving_settings(load_config(PARAMS)))
     assert not [w for w in caught if "Inferred schema" in str(w.message)]
     for request in (pd.DataFrame({"perugini_grade": [2], "metastasis": [True], "seed": [7]}),
                     pd.DataFrame({"perugini_grade": [2, None], "metastasis": [True, None],

@@ -106,6 +106,11 @@ def test_train_then_resume_continues_at_the_right_step(tmp_path, mlflow_uri):
     served = pyfunc.predict(request, params={"steps": 5, "guidance_scale": 2.0})
     assert served.shape == (1, 2, ROWS, COLS)
     np.testing.assert_allclose(served, images.numpy(), atol=1e-5)
+    # Without params it samples with the project's synthesize settings (its model_config).
+    from tasks.diffusion.registry import serving_settings
+    assert pyfunc.model_config == serving_settings(_cfg(tmp_path, 10))
+    defaults = {p["name"]: p["default"] for p in pyfunc.metadata.get_params_schema().to_dict()}
+    assert defaults == serving_settings(_cfg(tmp_path, 10))
 
     # Resuming a finished run trains nothing and keeps the real loss on record.
     third = train_diffusion(_cfg(tmp_path, 10), processed=data)

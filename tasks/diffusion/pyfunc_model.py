@@ -26,8 +26,10 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-DEFAULT_PARAMS: dict[str, Any] = {"steps": 50, "guidance_scale": 3.0, "sampler": "ddim",
-                                  "eta": 0.0, "batch_size": 16}
+SETTINGS = ("sampler", "steps", "guidance_scale", "eta", "batch_size")
+"""The sampler settings a request may set; their defaults are the model's ``model_config``
+(the project's ``synthesize`` section when the model was registered, tasks/diffusion/
+registry.py), so a served model samples the way the pipeline's synthesize stage does."""
 
 
 class DiffusionSampler(PythonModel):
@@ -38,6 +40,12 @@ class DiffusionSampler(PythonModel):
         from models.diffusion import DiffusionModule
         from models.module_file import read_module_file
 
+        config = dict(context.model_config or {})
+        missing = [key for key in SETTINGS if key not in config]
+        if missing:
+            raise ValueError(f"registered diffusion model without sampler settings {missing} "
+                             "in its model_config: register it with synthdx train-diffusion")
+        self.defaults: dict[str, Any] = {key: config[key] for key in SETTINGS}
         file = read_module_file(context.artifacts["weights"])
         self.module = file.build(DiffusionModule)
         self.size = file.image_size
@@ -49,7 +57,7 @@ class DiffusionSampler(PythonModel):
         """One image per row of ``model_input``; ``params`` may set the sampler settings."""
         from models.sampling import sample
 
-        settings = {**DEFAULT_PARAMS, **(params or {})}
+        settings = {**self.defaults, **(params or {})}
         if "seed" not in model_input.columns:
             raise ValueError("model_input needs a 'seed' column (one seed per image)")
         spec = self.module.spec

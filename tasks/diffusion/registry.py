@@ -24,13 +24,15 @@ def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
     """
     import mlflow
 
-    from tasks.diffusion.pyfunc_model import DEFAULT_PARAMS
+    from tasks.diffusion.pyfunc_model import SETTINGS
 
     name = cfg.diffusion.registered_model_name
     mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
     requirements = [f"{p}=={_version(p)}" for p in ("torch", "monai", "lightning", "einops",
                                                     "pandas", "numpy", "mlflow")]
-    signature = _signature(weights, DEFAULT_PARAMS)
+    settings = serving_settings(cfg)
+    assert set(settings) == set(SETTINGS)
+    signature = _signature(weights, settings)
     # Resume the run in its own experiment: the fluent API refuses a run whose experiment is
     # not the process's active one (set by an earlier set_experiment in the same process).
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
@@ -40,10 +42,21 @@ def register_model(cfg: Config, weights: Path, run_id: str) -> dict[str, str]:
             artifacts={"weights": str(weights)},
             # A module's folder: the package itself may be a namespace without __file__.
             code_paths=[str(Path(models.diffusion.__file__).parent)],
-            pip_requirements=requirements, registered_model_name=name,
+            pip_requirements=requirements, registered_model_name=name, model_config=settings,
             signature=signature, await_registration_for=30)
     version = str(info.registered_model_version)
     return {"name": str(name), "version": version, "model_uri": f"models:/{name}/{version}"}
+
+
+def serving_settings(cfg: Config) -> dict[str, Any]:
+    """The registered model's default sampler settings: the project's ``synthesize`` section.
+
+    Why: the served model and the synthesize stage then sample alike unless a request says
+    otherwise, and the settings have one place (params.yaml), as every other default.
+    """
+    s = cfg.synthesize
+    return {"sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
+            "eta": s.eta, "batch_size": s.batch_size}
 
 
 def _signature(weights: Path, params: dict[str, Any]) -> Any:
