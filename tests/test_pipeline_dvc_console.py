@@ -41,6 +41,7 @@ def test_stage_command_prints_no_git_advice_and_keeps_dvc_errors(tmp_path: Path)
     assert "Running stage 'hello'" in console and (root / "dvc.lock").is_file()
     assert "To track the changes with git" not in console
     assert "core.autostage" not in console
+    assert "dvc push" not in console  # DVC's per-run push advice, once per stage
     status = subprocess.run(["git", "status", "--porcelain"], cwd=root, env=env,
                             capture_output=True, text=True).stdout
     assert "?? dvc.lock" in status  # left for the user to commit: no autostage configured

@@ -5,7 +5,8 @@ dvc.lock ..." and "To enable auto staging, run: dvc config core.autostage true" 
 project auto-stages. ``synthdx run`` runs ``dvc repro`` once per stage, so the advice came
 after every stage, between the stages' own output, addressed to whoever had typed ``dvc``.
 DVC silences the same advice for the ``repro`` its experiments executor runs on a user's
-behalf (``scm_context.quiet``); this does the same for the pipeline's. Everything else DVC
+behalf (``scm_context.quiet``); this does the same for the pipeline's, and drops the
+"Use `dvc push`" line that ``repro`` writes after each stage too. Everything else DVC
 prints (the stage being run, its command, DVC's errors) is unchanged, and a project that
 sets ``core.autostage`` still has dvc.lock staged, as configured.
 
@@ -34,11 +35,35 @@ def quiet_scm_advice() -> None:
     SCMContext.__init__ = quiet_init  # type: ignore[method-assign]
 
 
+PUSH_ADVICE = "Use `dvc push` to send your updates to remote storage."
+"""What ``dvc repro`` writes after every run that reproduced something (dvc/commands/repro.py),
+remote or not: once per stage under ``synthdx run``. Pushing is the user's step after the
+whole pipeline (README: "Reproducing with DVC"), not after each stage."""
+
+
+def quiet_push_advice() -> None:
+    """Make DVC's console drop the one ``dvc push`` line ``repro`` writes after each run."""
+    from dvc.ui import ui
+
+    if getattr(ui.write, "_synthdx_quiet", False):
+        return
+    write = ui.write
+
+    def quiet_write(*objects: Any, **kwargs: Any) -> None:
+        if objects == (PUSH_ADVICE,):
+            return
+        write(*objects, **kwargs)
+
+    quiet_write._synthdx_quiet = True  # type: ignore[attr-defined]
+    ui.write = quiet_write  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run DVC's CLI with ``argv`` (default: this process's arguments); return its exit code."""
     from dvc.cli import main as dvc_main
 
     quiet_scm_advice()
+    quiet_push_advice()
     return int(dvc_main(sys.argv[1:] if argv is None else argv) or 0)
 
 
