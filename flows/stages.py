@@ -131,7 +131,8 @@ _OUTPUT = "Output folder."
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        name="phantom", section="phantom", run="flows.phantom:run_phantom",
+        name="phantom", section="phantom", run="tasks.phantom.tracking:run_phantom",
+        track="tasks.phantom.tracking:log_phantom",
         help="Write the built-in multi-site bone-scan dataset (DICOM + labels.csv + montage).",
         options=(Shorthand("output", Path | None, _OUTPUT, key="phantom.output"),
                  Shorthand("patients", int | None, "Number of patients.",

@@ -1,8 +1,8 @@
-"""The phantom stage's entry: generate the demo dataset, then record it as one MLflow run.
+"""The phantom stage's entry and its MLflow run: generate the demo dataset, then record it.
 
-Why this lives in flows/ for now: tasks/phantom/ has no MLflow adapter of its own yet (the
-other stages keep theirs in their package, e.g. tasks/synthesize/tracking.py); the registry
-(flows/stages.py) points at this function, and moves with it when the adapter moves.
+Why here: like every stage, the phantom's work is a plain function of its section
+(tasks/phantom/generate.py) and its MLflow run an adapter the stage registry calls from the
+edge (flows/stages.py: ``run`` and ``track``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from tasks.phantom.generate import PhantomSummary, generate_phantom
 
 
 def run_phantom(cfg: Config) -> PhantomSummary:
-    """Generate the phantom dataset of ``cfg.phantom`` and log it as the stage's MLflow run."""
+    """Generate the phantom dataset of ``cfg.phantom`` (no MLflow: see ``log_phantom``)."""
+    return generate_phantom(cfg.phantom)
+
+
+def log_phantom(cfg: Config, summary: PhantomSummary) -> PhantomSummary:
+    """Record a generated phantom dataset as the stage's MLflow run: settings, counts, montage."""
     import mlflow
 
-    summary = generate_phantom(cfg.phantom)
     with stage_run(cfg.mlflow, "phantom"):
         log_params({"phantom": cfg.phantom.model_dump(mode="json")})
         mlflow.log_metrics({"studies": summary.studies, "patients": summary.patients,
