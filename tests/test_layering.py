@@ -3,8 +3,8 @@
 flows -> tasks -> models, nothing upward; inside tasks/, the stage packages stand side by side
 and meet only through the on-disk formats of tasks/artifacts, which imports no stage. Every
 ``import`` counts, including those inside functions (a lazy import is still a dependency, and
-one DVC does not see unless dvc.yaml lists it). Orchestration (tasks/pipeline, while it is
-still there) is not a stage and is skipped.
+one DVC does not see unless dvc.yaml lists it). Orchestration (DAG, scheduler, locks,
+lineage) is not a stage: it lives in flows/orchestration/, above the stages.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("tasks", "models", "flows")
 SHARED = {"common", "artifacts"}
 """tasks/ packages every stage may import (tasks/config.py is a module, shared as well)."""
-ORCHESTRATION = {"pipeline"}
-"""tasks/ packages that wire stages together: not a stage, skipped by these rules."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,9 @@ def imports(path: Path, root: Path) -> Iterator[Import]:
 
 
 def stage_packages(root: Path) -> set[str]:
-    """The stage packages: every package under tasks/ but the shared and orchestration ones."""
+    """The stage packages: every package under tasks/ but the shared ones."""
     return {p.name for p in (root / "tasks").iterdir()
-            if p.is_dir() and (p / "__init__.py").is_file()
-            and p.name not in SHARED | ORCHESTRATION}
+            if p.is_dir() and (p / "__init__.py").is_file() and p.name not in SHARED}
 
 
 def tasks_package(module: str) -> str | None:
@@ -93,8 +90,6 @@ def violations(root: Path) -> list[str]:
         for path in sorted((root / top).rglob("*.py")):
             rel = path.relative_to(root).parts
             own = rel[1] if top == "tasks" and len(rel) > 2 else None
-            if own in ORCHESTRATION:
-                continue
             for imp in imports(path, root):
                 head = imp.module.split(".")[0]
                 target = tasks_package(imp.module)
@@ -105,9 +100,7 @@ def violations(root: Path) -> list[str]:
                     rule = "tasks/ must not import flows/"
                 elif own in stages and target in stages and target != own:
                     rule = f"stage {own} must not import stage {target}"
-                elif own in stages and target in ORCHESTRATION:
-                    rule = f"stage {own} must not import orchestration ({target})"
-                elif own in SHARED and target in stages | ORCHESTRATION:
+                elif own in SHARED and target in stages:
                     rule = f"tasks/{own} must not import stage {target}"
                 if rule:
                     found.add((str(path.relative_to(root)), imp.line,
@@ -118,6 +111,12 @@ def violations(root: Path) -> list[str]:
 def test_layering_holds():
     problems = violations(ROOT)
     assert not problems, "imports that break the layering:\n" + "\n".join(problems)
+
+
+def test_orchestration_is_not_in_tasks():
+    """DAG, scheduler, locks and lineage wire stages together: flows/orchestration/, not tasks/."""
+    assert (ROOT / "flows" / "orchestration" / "dag.py").is_file()
+    assert not (ROOT / "tasks" / "pipeline").exists()
 
 
 def test_every_stage_package_is_seen():
@@ -134,8 +133,8 @@ def _write(root: Path, rel: str, text: str) -> None:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    for pkg in ("tasks", "tasks/a", "tasks/b", "tasks/common", "tasks/artifacts",
-                "tasks/pipeline", "models", "flows"):
+    for pkg in ("tasks", "tasks/a", "tasks/b", "tasks/common", "tasks/artifacts", "models",
+                "flows"):
         _write(tmp_path, f"{pkg}/__init__.py", "")
     return tmp_path
 
@@ -146,16 +145,14 @@ def test_checker_finds_each_kind_of_violation(tree: Path):
            "def f():\n    from tasks.b.work import g\n    return g\n")
     _write(tree, "tasks/a/other.py", "from ..b import work\n")
     _write(tree, "tasks/a/flowy.py", "import flows.cli\n")
-    _write(tree, "tasks/a/orch.py", "from tasks import pipeline\n")
     _write(tree, "models/net.py", "import tasks.artifacts.dataset\n")
     _write(tree, "tasks/artifacts/fmt.py", "from tasks.a import run\n")
-    _write(tree, "tasks/pipeline/dag.py", "from tasks.a import run\nfrom tasks.b import w\n")
     problems = violations(tree)
     assert any(p.startswith("tasks/a/run.py:3: imports tasks.b.work") for p in problems)
     assert any(p.startswith("tasks/a/other.py:1: imports tasks.b") for p in problems)
     assert any("tasks/a/flowy.py:1: imports flows.cli" in p for p in problems)
-    assert any("tasks/a/orch.py:1: imports tasks.pipeline" in p for p in problems)
     assert any("models/net.py:1: imports tasks.artifacts.dataset" in p for p in problems)
     assert any("tasks/artifacts/fmt.py:1: imports tasks.a" in p for p in problems)
-    assert not any("tasks/pipeline" in p.split(":")[0] for p in problems)
+    _write(tree, "flows/orchestration/dag.py", "from tasks.a import run\nfrom tasks.b import w\n")
+    assert not any(p.startswith("flows/") for p in violations(tree))  # above the stages
     assert not any("tasks.common" in p for p in problems)
