@@ -205,12 +205,16 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
     return results
 
 
-def fidelity(cfg: Config, snap: Path, guidance: float, steps: int) -> dict[str, Any]:
-    """Amyloidosis TSTR / TRTR of one snapshot (the audit's ``tstr_task``).
+def fidelity(cfg: Config, snap: Path, guidance: float, steps: int,
+             task: str = "amyloidosis", per_class: int = 60) -> dict[str, Any]:
+    """TSTR / TRTR of one snapshot for one task (the audit's ``tstr_task``).
 
-    Samples 60 Perugini-0, 30 Perugini-2 and 30 Perugini-3 images (no metastasis), trains the
-    audit's TSTR classifier on them and the same classifier on as many real training images
-    with the same positive share, both scored on the real validation split.
+    Amyloidosis: ``per_class`` Perugini-0 images and half as many each of Perugini 2 and 3 (no
+    metastasis). Metastasis: ``per_class`` images without and ``per_class`` with metastases
+    (Perugini 0). Trains the audit's TSTR classifier on them and the same classifier on as
+    many real training images with the same positive share, both scored on the real
+    validation split. Why a probe: guidance and sampler steps are chosen on internal data
+    through the audit's own measure, one cheap sample per setting, before a full synthesis.
     """
     from tasks.audit.tstr import tstr_task
 
@@ -219,9 +223,16 @@ def fidelity(cfg: Config, snap: Path, guidance: float, steps: int) -> dict[str, 
     module.load_state_dict(payload["state_dict"])
     module.eval()
     size = (cfg.diffusion.image_rows, cfg.diffusion.image_cols)
-    grades = np.array([0] * 60 + [2] * 30 + [3] * 30)
+    if task == "amyloidosis":
+        grades = np.array([0] * per_class + [2] * (per_class // 2) + [3] * (per_class // 2))
+        mets = np.zeros(len(grades), dtype=bool)
+        labels = (grades >= 2).astype(int)
+    else:
+        mets = np.array([False] * per_class + [True] * per_class)
+        grades = np.zeros(len(mets), dtype=int)
+        labels = mets.astype(int)
     cond = torch.as_tensor(module.spec.encode(pd.DataFrame({"perugini_grade": grades,
-                                                            "metastasis": False})))
+                                                            "metastasis": mets})))
     bf16 = auto_precision("auto", "cpu") == "bf16-mixed"
     syn = torch.cat([sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
                             list(range(i, min(i + 12, len(grades)))), (2, *size), "cpu",
@@ -231,12 +242,17 @@ def fidelity(cfg: Config, snap: Path, guidance: float, steps: int) -> dict[str, 
                      for i in range(0, len(grades), 12)]).float()
     real = open_processed(Path(cfg.ingest.output))
     split = real.manifest["split"].astype(str).to_numpy()
-    positive = {name: (real.manifest.loc[split == name, "perugini_grade"].to_numpy() >= 2)
-                .astype(int) for name in ("train", "val")}
-    entry = tstr_task(syn, (grades >= 2).astype(int), real.load(split == "train", size),
+    def real_labels(name: str) -> np.ndarray:
+        rows = real.manifest.loc[split == name]
+        if task == "amyloidosis":
+            return (rows["perugini_grade"].to_numpy() >= 2).astype(int)
+        return rows["metastasis"].to_numpy(dtype=bool).astype(int)
+
+    positive = {name: real_labels(name) for name in ("train", "val")}
+    entry = tstr_task(syn, labels, real.load(split == "train", size),
                       positive["train"], real.load(split == "val", size), positive["val"],
                       cfg.audit.tstr.model_copy(update={"steps": 500}), 17, torch.device("cpu"))
-    result = {"snapshot": snap.name, "guidance": guidance, "ddim_steps": steps,
+    result = {"snapshot": snap.name, "task": task, "guidance": guidance, "ddim_steps": steps,
               **{k: entry[k] for k in ("auc_synthetic", "auc_real", "ratio",
                                        "positives_synthetic", "positives_real", "n_val",
                                        "positives_val")}}
@@ -253,6 +269,8 @@ def main() -> None:
     f.add_argument("--snapshot", type=Path, required=True)
     f.add_argument("--guidance", type=float, default=2.0)
     f.add_argument("--steps", type=int, default=25)
+    f.add_argument("--task", default="amyloidosis", choices=["amyloidosis", "metastasis"])
+    f.add_argument("--per-class", type=int, default=60)
     for p in (t, e, f):
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
         p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -269,7 +287,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "fidelity":
         fidelity(load_config(args.params, args.overrides), args.snapshot, args.guidance,
-                 args.steps)
+                 args.steps, args.task, args.per_class)
     elif args.command == "train":
         cfg = load_config(args.params, args.overrides)
         train(cfg, args.out, {int(s) for s in args.snapshots.split(",")}, args.init)
