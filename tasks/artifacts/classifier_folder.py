@@ -27,6 +27,7 @@ import pandas as pd
 
 from models.classifier import ScanClassifier
 from models.module_file import read_module_file, save_module_file
+from tasks.artifacts.json_file import read_json_object
 
 MODEL_FILE = "model.pt"
 INFO_FILE = "model.json"
@@ -86,12 +87,7 @@ def read_model_info(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ModelInfoError(f"{path}: missing (every model folder needs {INFO_FILE})")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInfoError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(info, dict):
-        raise ModelInfoError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    info = read_json_object(path, ModelInfoError)
     missing = [k for k in REQUIRED_INFO_KEYS if k not in info]
     if missing:
         raise ModelInfoError(f"{path}: missing key(s) {missing}")

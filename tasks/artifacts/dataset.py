@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from models.dataset_files import IMAGES_FILE, MANIFEST_FILE, read_manifest
+from tasks.artifacts.json_file import read_json_object
 
 SYNTHESIS_FILE = "synthesis.json"
 
@@ -142,10 +143,4 @@ def read_synthesis(root: Path) -> dict[str, Any] | None:
     path = Path(root) / SYNTHESIS_FILE
     if not path.is_file():
         return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(report, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(report).__name__}")
-    return report
+    return read_json_object(path)
