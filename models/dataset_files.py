@@ -16,6 +16,8 @@ import pandas as pd
 
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.parquet"
+MASKS_FILE = "masks.npz"
+"""Optional, evaluation only (a phantom's processed dataset): where each finding really is."""
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame:

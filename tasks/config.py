@@ -203,7 +203,24 @@ class PhantomConfig(_Strict, section="phantom"):
     workers: Annotated[int, Field(ge=0, le=64)] = Field(
         description="Worker processes; 0 means one per CPU core.")
     confounders: bool
+    truth_folder: str | None = Field(
+        description="Folder beside `output` that receives each study's ground-truth finding "
+                    "masks (evaluation only, never in the DICOM); null: none.")
     sites: list[SiteConfig]
+
+    @field_validator("truth_folder")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+            raise ValueError(f"truth_folder must be a plain folder name, got {name!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _truth_beside_output(self) -> PhantomConfig:
+        if self.truth_folder is not None and self.truth_folder == Path(self.output).name:
+            raise ValueError(f"truth_folder {self.truth_folder!r} would replace the output "
+                             f"folder {self.output}")
+        return self
 
     @field_validator("sites")
     @classmethod
@@ -248,6 +265,19 @@ class IngestConfig(_Strict, section="ingest"):
         description="Alternative: a file outside the repository holding the key.")
     internal_site: str | None = Field(
         description="Internal site name; default: the phantom's internal site.")
+    truth: Path | None = Field(
+        description="Ground-truth finding masks beside the archive (the phantom's, "
+                    "tasks/phantom/truth.py): carried into the dataset as masks.npz for "
+                    "evaluation when the folder exists and matches the labels; null for a "
+                    "real archive.")
+    incremental: bool = Field(
+        description="Reuse the cached per-file results of earlier runs for unchanged files.")
+    cache: Path | None = Field(
+        description="Per-file result cache (incremental ingest); null: cache/ingest beside "
+                    "the output folder (data/cache/ingest).")
+    max_removed_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        description="Refuse a run whose archive lost more than this share of the files the "
+                    "last run ingested (an accidental deletion, a half-mounted share).")
     split: SplitConfig
 
     @model_validator(mode="after")
@@ -557,6 +587,47 @@ class ClassifierConfig(_Strict, section="classifier"):
                     "registry).")
 
 
+class PromotionConfig(_Strict, section="validation.promotion"):
+    """When a task's best new classifier replaces the registry's ``@champion`` (else challenger).
+
+    Both are scored on the same evaluation cases (internal test split and every external site);
+    the per-site and pooled differences are paired DeLong tests.
+    """
+
+    tolerance: Fraction = Field(
+        description="A site blocks promotion when the new model's AUC there is below the "
+                    "champion's by more than this and the drop is significant at alpha.")
+    margin: Annotated[float, Field(ge=-1.0, le=1.0)] = Field(
+        description="The new model's pooled AUC (every evaluation case) must exceed the "
+                    "champion's by more than this.")
+    alpha: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        description="Level of the per-site paired DeLong test (1.0: any drop beyond the "
+                    "tolerance blocks, significant or not).")
+
+
+class CalibrationConfig(_Strict, section="validation.calibration"):
+    """How every classifier's scores become probabilities, fitted on internal validation only."""
+
+    method: Literal["platt", "temperature", "isotonic", "none"] = Field(
+        description="platt: slope and bias on the logit (undoes the balanced sampler's prior "
+                    "shift); temperature: slope only; isotonic: scikit-learn's isotonic "
+                    "regression; none: scores as they are.")
+    target_ece: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        description="Goal for the calibrated ECE on the internal test set (reported, not "
+                    "enforced), where it has calibration_bins positives and negatives.")
+
+
+class AbstentionConfig(_Strict, section="validation.abstention"):
+    """Refer uncertain cases to a reader; uncertainty is the seeds' disagreement."""
+
+    coverage: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        description="Share of internal validation cases accepted; the uncertainty threshold "
+                    "is chosen there and applied unchanged everywhere else.")
+    min_auc: Annotated[float, Field(ge=0.5, lt=1.0)] = Field(
+        description="The check 'accuracy on accepted cases above accuracy on all' applies to "
+                    "a regime at a site where its AUC exceeds this.")
+
+
 class ValidateConfig(_Strict, section="validation"):
     """Every classifier on the internal test split and each external site (stage validate)."""
 
@@ -571,6 +642,9 @@ class ValidateConfig(_Strict, section="validation"):
     comparisons: list[tuple[RegimeName, RegimeName]] = Field(
         description="(with, without) regime pairs compared case by case (DeLong).")
     seed: int
+    promotion: PromotionConfig
+    calibration: CalibrationConfig
+    abstention: AbstentionConfig
 
     @field_validator("age_bands")
     @classmethod
@@ -606,6 +680,87 @@ class PipelineConfig(_Strict, section="pipeline"):
                     "CPU threads are shared out between them.")
 
 
+class ReaderStudyConfig(_Strict, section="reader_study"):
+    """The reader study (visual Turing test): ``synthdx reader-study create|serve|report``."""
+
+    output: Path = Field(description="The study folder: study.json, images.npy, study.db.")
+    database: str | None = Field(
+        description="SQLAlchemy URL of the answers database (postgresql://... at team scale); "
+                    "null: sqlite in the study folder. SYNTHDX_READER_STUDY_DB wins.")
+    released: Path | None = Field(description="Default: <audit.output>/released.")
+    processed: Path | None = Field(description="Default: ingest.output.")
+    real_splits: list[Literal["train", "val", "test", "external"]] = Field(
+        min_length=1, description="Splits the real images are drawn from (held-out ones).")
+    cases: Annotated[int, Field(ge=2, le=100_000)] = Field(
+        description="Cases per study, half real and half synthetic (even).")
+    seed: int
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    session_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = Field(
+        description="A login expires this long after it was made.")
+    report: Path = Field(description="The report's path without suffix (.json and .html).")
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)]
+
+    @field_validator("cases")
+    @classmethod
+    def _even(cls, cases: int) -> int:
+        if cases % 2:
+            raise ValueError(f"cases must be even (half real, half synthetic), got {cases}")
+        return cases
+
+    def database_url(self) -> str:
+        """The answers database in force: SYNTHDX_READER_STUDY_DB, ``database``, or SQLite.
+
+        Why the environment wins: a team's PostgreSQL URL carries a password, which must not
+        be written into the versioned params.yaml.
+        """
+        url = os.environ.get("SYNTHDX_READER_STUDY_DB") or self.database
+        return url or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+
+
+class ExplainConfig(_Strict, section="explain"):
+    """Counterfactual heat maps from the diffusion model (``synthdx explain``).
+
+    A processed scan is encoded (DDIM inversion, or noising) part of the way into the trained
+    noise schedule, then regenerated twice from there: under its own condition and under the
+    opposite one (amyloid -> Perugini 0, metastasis -> none, and the reverse); the heat map is
+    the difference of the two.
+    """
+
+    model: Path | None = Field(description="Trained diffusion model folder; default: "
+                                           "diffusion.output.")
+    processed: Path | None = Field(description="Processed dataset; default: ingest.output.")
+    output: Path = Field(description="Heat-map PNGs, explain.json and explain.html.")
+    encode: Literal["ddim_inversion", "noise"] = Field(
+        description="ddim_inversion: run DDIM backwards under the scan's own condition "
+                    "(deterministic); noise: add seeded Gaussian noise (SDEdit).")
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        description="How far into the noise schedule the scan is encoded (fraction of the "
+                    "training timesteps): more lets the condition change more.")
+    steps: Annotated[int, Field(ge=1, le=1000)] = Field(
+        description="DDIM steps of the inversion and of each regeneration.")
+    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = Field(
+        description="Classifier-free guidance of both regenerations.")
+    positive_grade: Annotated[int, Field(ge=1, le=3)] = Field(
+        description="Perugini grade asked for when amyloid is added to a negative scan.")
+    mask_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        description="Share of a pixel (at the model's size) the true finding must cover for "
+                    "the pixel to count as inside it.")
+    tolerance: Annotated[int, Field(ge=0, le=16)] = Field(
+        description="Pointing game: pixels the hottest point may lie outside the mask.")
+    smooth_sigma: Annotated[float, Field(ge=0.0, le=8.0)] = Field(
+        description="Gaussian smoothing (pixels) of the heat map before its hottest region "
+                    "is taken (0: the single hottest pixel).")
+    evaluate_splits: list[Literal["train", "val", "test", "external"]] = Field(
+        min_length=1, description="Splits `--evaluate N` draws its studies from.")
+    examples: Annotated[int, Field(ge=0, le=50)] = Field(
+        description="Studies per task shown in explain.html.")
+    batch_size: Annotated[int, Field(ge=1, le=1024)]
+    seed: int
+    precision: Literal["auto", "32-true", "bf16-mixed"]
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"]
+
+
 class Config(_Strict, section=""):
     """The whole parameter tree (params.yaml)."""
 
@@ -622,6 +777,8 @@ class Config(_Strict, section=""):
     classifier: ClassifierConfig
     validation: ValidateConfig
     pipeline: PipelineConfig
+    reader_study: ReaderStudyConfig
+    explain: ExplainConfig
 
     @model_validator(mode="after")
     def _sampler_steps(self) -> Config:

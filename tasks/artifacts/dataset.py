@@ -5,6 +5,9 @@ Layout::
     images.npy        float16 (N, 2, rows, cols), channel 0 anterior, 1 posterior, in [0, 1]
     manifest.parquet  one row per image; ``index`` is its row in images.npy
     synthesis.json    (synthetic and released sets) which model and sampler made the images
+    masks.npz         (optional, evaluation only: a phantom's processed set) per finding kind
+                      (amyloid, metastasis) a float16 (N, 2, rows, cols) array: the share of
+                      each pixel the true finding covers (tasks/artifacts/truth_masks.py)
 
 The two file names and :func:`read_manifest` are defined in ``models.dataset_files`` (the lowest
 layer: the diffusion DataModule opens a processed folder in every loader worker) and re-exported
@@ -20,14 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.dataset_files import IMAGES_FILE, MANIFEST_FILE, read_manifest
+from models.dataset_files import IMAGES_FILE, MANIFEST_FILE, MASKS_FILE, read_manifest
 from tasks.artifacts.json_file import read_json_object
 
 SYNTHESIS_FILE = "synthesis.json"
 
-__all__ = ["IMAGES_FILE", "MANIFEST_FILE", "SYNTHESIS_FILE", "DatasetError", "DatasetMissing",
-           "has_dataset", "open_dataset", "read_manifest", "read_synthesis", "stored_size",
-           "write_dataset", "write_synthesis"]
+__all__ = ["IMAGES_FILE", "MANIFEST_FILE", "MASKS_FILE", "SYNTHESIS_FILE", "DatasetError",
+           "DatasetMissing", "has_dataset", "open_dataset", "read_manifest", "read_masks",
+           "read_synthesis", "stored_size", "write_dataset", "write_masks", "write_synthesis"]
 
 
 class DatasetError(ValueError):
@@ -105,6 +108,40 @@ def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()
         raise DatasetError(f"{manifest_path}: 'index' must be unique rows of {images_path} "
                            f"(0..{images.shape[0] - 1})")
     return images, manifest.sort_values("index").reset_index(drop=True)
+
+
+def write_masks(folder: Path, masks: dict[str, np.ndarray]) -> None:
+    """Write masks.npz into ``folder`` (callers make it atomic): one array per finding kind.
+
+    Why compressed: the masks are mostly empty, and a processed folder is versioned by DVC.
+    """
+    arrays = {str(k): np.asarray(v, np.float16) for k, v in masks.items()}
+    np.savez_compressed(Path(folder) / MASKS_FILE, **arrays)
+
+
+def read_masks(root: Path, images_shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """The finding masks of a dataset folder, or None when it has none (a real archive).
+
+    Args:
+        root: the dataset folder.
+        images_shape: the shape of its images.npy; every mask must have it.
+
+    Raises:
+        DatasetError: masks.npz exists but is unreadable or does not match the images.
+    """
+    path = Path(root) / MASKS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            masks = {name: np.asarray(data[name]) for name in data.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+    for name, mask in masks.items():
+        if mask.shape != tuple(images_shape):
+            raise DatasetError(f"{path}: {name} has shape {mask.shape}, but the images are "
+                               f"{tuple(images_shape)}")
+    return masks
 
 
 def stored_size(root: Path) -> tuple[int, int]:

@@ -12,6 +12,8 @@ Processed output (versioned by DVC, logged to MLflow, no identity):
                         the same input gives the same bytes, so a rerun keeps the DVC hash
                         and nothing downstream reruns (the time goes to MLflow and the CLI).
     montage.png         a few processed images per site with site / split / label captions.
+    masks.npz           only with a matching ``ingest.truth`` folder (the phantom's): the true
+                        finding masks, resampled like the images (tasks/ingest/truth.py).
 
 Quarantine (never versioned: holds identity): see tasks/ingest/quarantine.py.
 """
@@ -34,6 +36,7 @@ from tasks.ingest.errors import IngestError
 from tasks.ingest.pseudonym import Pseudonymizer
 from tasks.ingest.quarantine import REASONS_NAME, write_quarantine
 from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
+from tasks.ingest.truth import load_masks
 
 REPORT_NAME = "ingest_report.json"
 METRICS_NAME = "ingest_metrics.json"
@@ -64,6 +67,12 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
     if cfg.strict and assembled.quarantined:
         raise _strict_error(plan, assembled)
     output = Path(cfg.output)
+    # The images are the files that were not quarantined, in the plan's order (assemble).
+    rejected = {r.relpath for r in assembled.quarantined}
+    kept = [p for p in plan.files if p not in rejected]
+    masks, truth = (load_masks(cfg.truth, Path(cfg.labels), kept, *assembled.images.shape[2:])
+                    if len(kept) == len(assembled.images) else
+                    (None, {"masks": False, "why": "images and files do not line up"}))
     report = {
         "generator": "synthdx ingest",
         **assembled.report,
@@ -74,9 +83,12 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
                              "dicom_anonymizer": metadata.version("dicom-anonymizer"),
                              "key": plan.key.origin},
         "strict": cfg.strict,
+        "truth": truth,
     }
     with atomic_dir(output) as tmp:
         dataset.write_dataset(tmp, assembled.images, assembled.manifest)
+        if masks is not None:
+            dataset.write_masks(tmp, masks)
         with (tmp / "headers.jsonl").open("w", encoding="utf-8") as fh:
             for header in assembled.headers:
                 fh.write(header + "\n")

@@ -7,6 +7,9 @@ Layout of the output folder::
     PHANTOM.json                            provenance: seed, sites, counts, labels digest
     montage.png                             example scans per site and finding
 
+and, beside it (``phantom.truth_folder``, e.g. data/truth), the finding masks of every study
+(tasks/phantom/truth.py): evaluation-only ground truth, never part of the DICOM archive.
+
 The dataset is a pure function of the phantom parameters: studies are sampled in the parent
 process and each is rendered from its own seed, so worker count does not change a byte.
 """
@@ -18,18 +21,21 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
 
+from tasks.artifacts.truth_masks import mask_path, write_study_masks, write_truth_meta
 from tasks.common.atomic import atomic_dir
 from tasks.config import PhantomConfig, SiteConfig
 from tasks.phantom.dicom_writer import StudyHeader, write_study
 from tasks.phantom.identity import make_identity
 from tasks.phantom.population import StudySpec, sample_studies
-from tasks.phantom.render import render_study
+from tasks.phantom.render import render_study_with_truth
+from tasks.phantom.truth import RULE
 
 LABEL_COLUMNS = ["study_uid", "patient_id", "site", "perugini_grade", "metastasis", "sex", "age",
                  "bmi", "tracer", "superscan", "lesion_count", "degenerative", "injection_site",
@@ -58,15 +64,18 @@ class PhantomSummary:
                 f"  montage: {self.montage}")
 
 
-def _render_and_write(args: tuple[list[StudySpec], dict[str, dict], int, int, bool, str]
-                      ) -> list[dict]:
-    """Worker: render and write a chunk of studies; return their label rows."""
-    specs, sites_json, rows, cols, confounders, dicom_root = args
+def _render_and_write(args: tuple[list[StudySpec], dict[str, dict], int, int, bool, str,
+                                   str | None]) -> list[dict]:
+    """Worker: render and write a chunk of studies (and their masks); return their label rows."""
+    specs, sites_json, rows, cols, confounders, dicom_root, truth_root = args
     sites = {name: SiteConfig.model_validate(s) for name, s in sites_json.items()}
     out = []
     for spec in specs:
         site = sites[spec.site]
-        views, rec, facts = render_study(spec, site, rows, cols, confounders)
+        views, rec, facts, masks = render_study_with_truth(spec, site, rows, cols, confounders,
+                                                           truth=truth_root is not None)
+        if truth_root is not None and masks is not None:
+            write_study_masks(mask_path(Path(truth_root), spec.relpath), masks)
         ident = make_identity(spec.patient_seed, spec.seed, spec.sex, spec.birth_date, site.role,
                               spec.study_date)
         cam = site.camera
@@ -112,9 +121,11 @@ def generate_phantom(cfg: PhantomConfig, output: Path | None = None) -> PhantomS
     specs = sample_studies(cfg)
     workers = cfg.workers or os.cpu_count() or 1
     sites_json = {s.name: s.model_dump(mode="json") for s in cfg.sites}
-    with atomic_dir(output) as tmp:
+    truth = output.parent / cfg.truth_folder if cfg.truth_folder else None
+    with atomic_dir(output) as tmp, (atomic_dir(truth) if truth else nullcontext()) as tmp_truth:
         dicom_root = tmp / "dicom"
-        jobs = [(chunk, sites_json, cfg.rows, cfg.cols, cfg.confounders, str(dicom_root))
+        jobs = [(chunk, sites_json, cfg.rows, cfg.cols, cfg.confounders, str(dicom_root),
+                 str(tmp_truth) if tmp_truth else None)
                 for chunk in _chunks(specs, workers)]
         rows: list[dict] = []
         if workers == 1:
@@ -142,6 +153,8 @@ def generate_phantom(cfg: PhantomConfig, output: Path | None = None) -> PhantomS
                 json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest(),
         }
         (tmp / "PHANTOM.json").write_text(json.dumps(meta, indent=2))
+        if tmp_truth:
+            write_truth_meta(tmp_truth, tmp / "labels.csv", (cfg.rows, cfg.cols), RULE)
     per_site = labels.groupby("site", sort=False).size().to_dict()
     positives = {
         "perugini>=2": int((labels.perugini_grade >= 2).sum()),

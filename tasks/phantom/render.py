@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from tasks.artifacts.truth_masks import FINDINGS
 from tasks.config import SiteConfig
 from tasks.phantom.anatomy import draw_normal, sample_body
 from tasks.phantom.canvas import Canvas
@@ -22,6 +23,7 @@ from tasks.phantom.findings import (
 )
 from tasks.phantom.physics import Acquisition, acquire, project
 from tasks.phantom.population import StudySpec
+from tasks.phantom.truth import added_since, finding_mask, snapshot
 
 TRACER_SOFT_TISSUE = {"DPD": 1.35, "HMDP": 1.1, "MDP": 1.0}
 """DPD gives more soft-tissue retention than the other diphosphonates."""
@@ -38,6 +40,24 @@ def render_study(spec: StudySpec, site: SiteConfig, rows: int, cols: int,
 
     Returns:
         (views uint16 (2, rows, cols), what was drawn, acquisition facts for the header).
+    """
+    views, rec, facts, _ = render_study_with_truth(spec, site, rows, cols, confounders,
+                                                   truth=False)
+    return views, rec, facts
+
+
+def render_study_with_truth(spec: StudySpec, site: SiteConfig, rows: int, cols: int,
+                            confounders: bool = True, truth: bool = True
+                            ) -> tuple[np.ndarray, FindingsRecord, dict,
+                                       dict[str, np.ndarray] | None]:
+    """Render one study and, with ``truth``, where its findings are (tasks/phantom/truth.py).
+
+    The masks come from copies of the activity taken around each finding, so asking for
+    them draws no random numbers and changes no pixel of the scan.
+
+    Returns:
+        As ``render_study``, plus the boolean (2, rows, cols) mask of each finding kind
+        (``truth.FINDINGS``), or None without ``truth``.
     """
     rng = np.random.default_rng(spec.seed)
     cam = site.camera
@@ -62,9 +82,16 @@ def render_study(spec: StudySpec, site: SiteConfig, rows: int, cols: int,
 
     rec = FindingsRecord(perugini_grade=spec.perugini_grade, metastasis=spec.metastasis,
                          superscan=spec.superscan)
+    before = snapshot(cv) if truth else {}
     add_cardiac(cv, anchors, spec.perugini_grade, rng, cam.tracer)
+    added = {}
+    if truth and spec.perugini_grade >= 1:  # grade 0 draws only the normal blood pool
+        added["amyloid"] = added_since(cv, before)
     if spec.metastasis:
+        before = snapshot(cv) if truth else {}
         rec.lesion_count = add_metastases(cv, anchors, rng, spec.superscan)
+        if truth:
+            added["metastasis"] = added_since(cv, before)
     if confounders:
         rec.degenerative = add_degenerative(cv, anchors, rng, spec.age)
         if rng.random() < 0.3:
@@ -89,4 +116,9 @@ def render_study(spec: StudySpec, site: SiteConfig, rows: int, cols: int,
     views = acquire(ant, post, acq, rng)
     facts = {"weight_kg": spec.bmi * spec.height_m**2, "height_m": spec.height_m,
              "pixel_mm": pixel, "dose_mbq": float(rng.uniform(500, 740))}
-    return views, rec, facts
+    if not truth:
+        return views, rec, facts, None
+    empty = np.zeros((2, rows, cols), bool)
+    masks = {kind: (finding_mask(cv, added[kind], body.thickness_cm, acq, (ant, post))
+                    if kind in added else empty) for kind in FINDINGS}
+    return views, rec, facts, masks
