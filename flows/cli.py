@@ -17,6 +17,8 @@ from typing import Annotated, Any, get_args
 
 import typer
 
+from flows.explain_cli import explain_cmd
+from flows.reader_study_cli import app as reader_study_app
 from flows.stages import STAGES, Stage, load
 from tasks.config import DEFAULT_PARAMS, Config, ConfigError, dump_config, load_config
 
@@ -159,6 +161,33 @@ def _run_stage_command(spec: Stage, params: Path, set_: list[str] | None,
 
 for _spec in STAGES:
     app.command(_spec.command)(_stage_command(_spec))
+app.command("explain")(explain_cmd)
+app.add_typer(reader_study_app, name="reader-study")
+
+
+@app.command("init")
+def init_cmd(
+    folder: Annotated[Path, typer.Argument(help="The new project's folder (new or empty).")],
+    archive: Annotated[Path, typer.Option(
+        help="Folder of DICOM files (sub-folders allowed); read in place, never copied.")],
+    labels: Annotated[Path, typer.Option(help="Labels CSV, one row per study (see README).")],
+    key_file: Annotated[Path | None, typer.Option(
+        help="Pseudonymisation key file, outside the project; generated when missing "
+             "[default: ~/.config/synthdx/<folder name>.key].")] = None,
+    profile: Annotated[str, typer.Option(help="Profile of the project's runs.")] = "demo",
+    internal_site: Annotated[str | None, typer.Option(
+        help="The site split into train/val/test [default: the site with most images].")
+    ] = None,
+) -> None:
+    """Create a project whose pipeline starts at ingest from your own archive."""
+    from flows.init_project import InitError, InitRequest, init_project
+
+    request = InitRequest(folder=folder, archive=archive, labels=labels, key_file=key_file,
+                          profile=profile, internal_site=internal_site)
+    try:
+        typer.echo(init_project(request))
+    except InitError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command("run")

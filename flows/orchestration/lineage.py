@@ -53,9 +53,17 @@ def lock_hashes(lock: dict[str, Any]) -> dict[str, str]:
 
 
 def data_digests(lock: dict[str, Any]) -> dict[str, str]:
-    """The content hash DVC recorded for every stage output (``data/raw`` -> md5)."""
+    """The content hash DVC recorded for every stage output (``data/raw`` -> md5).
+
+    And for every dependency outside the project (an absolute path: a ``synthdx init``
+    project's archive and labels file), so the run names the archive version it read.
+    """
     out: dict[str, str] = {}
     for entry in lock.values():
+        for item in entry.get("deps") or []:
+            digest = item.get("md5") or item.get("hash") or item.get("etag")
+            if str(item.get("path", "")).startswith("/") and digest:
+                out[str(item["path"])] = str(digest)
         for item in entry.get("outs") or []:
             digest = item.get("md5") or item.get("hash") or item.get("etag")
             if item.get("path") and digest:
@@ -72,5 +80,5 @@ def lineage_tags(root: Path, profile: str) -> dict[str, str]:
         tags["synthdx.git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
     tags.update({tag_key(f"dvc.lock.{k}"): v for k, v in lock_hashes(lock).items()})
-    tags.update({tag_key(f"data.{k}"): v for k, v in data_digests(lock).items()})
+    tags.update({tag_key(f"data.{k}")[:250]: v for k, v in data_digests(lock).items()})
     return tags

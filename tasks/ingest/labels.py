@@ -177,10 +177,17 @@ def _parse_row(cells: dict[str, str], optional: list[str]) -> LabelRow:
     )
 
 
-def _row_key(row: LabelRow) -> tuple[Any, ...]:
-    """Identity of a row's content, so repeated identical rows count once."""
+def row_content(row: LabelRow) -> tuple[Any, ...]:
+    """Everything a row says, as a comparable value (holds the patient ID: memory only).
+
+    Why: repeated identical rows count once, and incremental ingest reuses a study's cached
+    results only while its row says the same (it stores a keyed digest of this, never this).
+    """
     return (row.patient_id, row.site, row.perugini_grade, row.metastasis,
             tuple(sorted(row.extras.items())))
+
+
+_row_key = row_content
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -243,3 +250,26 @@ def load_labels(path: Path) -> LabelTable:
         path=path, rows=rows, problems=problems, optional_columns=optional,
         unknown_columns=unknown, n_rows=len(frame), rows_without_study_uid=no_uid,
     )
+
+
+def study_in_archive(archive: Path, labels: LabelTable, labels_path: Path | None = None) -> bool:
+    """Whether any file of ``archive`` is a study the labels name (read until the first one).
+
+    Only the header up to StudyInstanceUID is read, so a matching archive answers after a
+    few files; a labels file for another archive reads every header once.
+    """
+    from pydicom import dcmread
+
+    wanted = set(labels.rows) | set(labels.problems)
+    skip = Path(labels_path).resolve() if labels_path is not None else None
+    for path in sorted(Path(archive).rglob("*")):
+        if not path.is_file() or (skip is not None and path.resolve() == skip):
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+        except Exception:  # not DICOM, unreadable: not a study
+            continue
+        if uid in wanted:
+            return True
+    return False

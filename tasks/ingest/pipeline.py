@@ -8,6 +8,8 @@ run that fails.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -17,7 +19,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.artifacts.dvc_hash import file_md5
 from tasks.config import IngestConfig
+from tasks.ingest.cache import (
+    IngestCache,
+    cache_folder,
+    check_removed,
+    chunk_task,
+    commit,
+    pending_run,
+    plain,
+)
 from tasks.ingest.errors import IngestError
 from tasks.ingest.labels import load_labels
 from tasks.ingest.outputs import write_dataset
@@ -71,11 +83,20 @@ def prepare(cfg: IngestConfig) -> IngestPlan:
     ):
         raise IngestError(f"ingest.quarantine ({cfg.quarantine}) must be outside ingest.output "
                           f"({cfg.output}): it holds identity and the output is versioned")
+    cache = cache_folder(cfg)
+    if _contains(source, cache) or _contains(places["ingest.output"], cache):
+        raise IngestError(f"the ingest cache ({cache}, ingest.cache) must be outside "
+                          f"ingest.source and ingest.output")
     labels = load_labels(Path(cfg.labels))
     key = resolve_key(cfg)
-    files = list_files(source, Path(cfg.labels))
+    try:
+        files = list_files(source, Path(cfg.labels))
+    except OSError as exc:
+        raise IngestError(f"source folder {source} cannot be read: "
+                          f"{exc.strerror or exc}") from None
     if not files:
         raise IngestError(f"source folder {source} holds no files")
+    check_removed(cfg, files, key)
     return IngestPlan(cfg=cfg, files=files, labels=labels, key=key,
                       phantom=verified_phantom(Path(cfg.labels)), started=started)
 
@@ -90,10 +111,62 @@ def worker_context(plan: IngestPlan) -> WorkerContext:
 
 
 def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResult]:
-    """Run the per-file work over all files in parallel; one result per file."""
-    n_workers = resolve_workers(plan.cfg.workers if workers is None else workers)
-    log.info("processing %d files with %d workers", len(plan.files), n_workers)
-    return run_pool(plan.files, worker_context(plan), n_workers)
+    """One result per file: from the cache where the file is unchanged, else from the pool.
+
+    The files to process run in parallel worker processes; their results are filed in the
+    cache (tasks/ingest/cache.py), and this run's index is written as pending (current once
+    the dataset is written, see :func:`finish`).
+    """
+    cache = IngestCache(plan.cfg, plan.key, plan.labels)
+    results: dict[str, FileResult] = {}
+    todo: list[str] = []
+    for relpath in plan.files:
+        hit = cache.lookup(relpath)
+        if hit is None:
+            todo.append(relpath)
+        else:
+            results[relpath] = hit
+    if todo:
+        n_workers = resolve_workers(plan.cfg.workers if workers is None else workers)
+        log.info("processing %d files with %d workers (%d unchanged files from the cache)",
+                 len(todo), n_workers, cache.reused)
+        fresh = run_pool(todo, worker_context(plan), n_workers,
+                         task=chunk_task(Path(plan.cfg.source)))
+        for relpath in todo:
+            cache.store(fresh[relpath])
+            results[relpath] = plain(fresh[relpath])
+    else:
+        log.info("all %d files unchanged: every result from the cache", len(plan.files))
+    cache.write_pending(_archive(plan, cache.md5s(plan.files)))
+    return results
+
+
+def _archive(plan: IngestPlan, md5s: dict[str, str | None]) -> dict[str, Any]:
+    """The archive version: DVC's hash of ``ingest.source``, as dvc.lock records it.
+
+    Built from the MD5 of every file (the labels file too when it lies inside), which the
+    cache already knows, so the archive is not read a second time.
+    """
+    source, labels = Path(plan.cfg.source), Path(plan.cfg.labels)
+    listing = dict(md5s)
+    if _contains(source, labels) and labels.is_file():
+        listing[labels.resolve().relative_to(source.resolve()).as_posix()] = file_md5(labels)
+    for relpath, md5 in listing.items():
+        if md5 is None:
+            listing[relpath] = _md5_or_none(source / relpath)
+    if any(v is None for v in listing.values()):
+        return {"dvc_hash": None, "files": len(listing)}
+    entries = [{"md5": listing[r], "relpath": r} for r in sorted(listing)]
+    payload = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return {"dvc_hash": hashlib.md5(payload, usedforsecurity=False).hexdigest() + ".dir",
+            "files": len(listing)}
+
+
+def _md5_or_none(path: Path) -> str | None:
+    try:
+        return file_md5(path)
+    except OSError:
+        return None
 
 
 def _mark_duplicates(ordered: list[FileResult], source: Path, names: Pseudonymizer) -> None:
@@ -230,6 +303,8 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
         },
         "transfer_syntaxes": dict(sorted(Counter(
             r.transfer_syntax for r in ordered if r.transfer_syntax).items())),
+        # The archive version read (DVC's hash of ingest.source, as dvc.lock records it).
+        "archive": pending_run(plan.cfg)["archive"],
     }
     return Assembled(images=images, manifest=manifest,
                      headers=[r.header for r in good if r.header is not None],
@@ -246,7 +321,12 @@ def finish(plan: IngestPlan, results: dict[str, FileResult]) -> IngestResult:
         write_quarantine(Path(plan.cfg.quarantine), Path(plan.cfg.source), rejected,
                          Pseudonymizer(plan.key))
         raise
-    return write_dataset(plan, assembled)
+    result = write_dataset(plan, assembled)
+    result.reused = pending_run(plan.cfg)["reused"]
+    archive = assembled.report.get("archive") or {}
+    result.archive_digest = archive.get("dvc_hash")
+    commit(plan.cfg)  # the dataset is written: this run's cache index becomes the current one
+    return result
 
 
 def run_ingest(cfg: IngestConfig, workers: int | None = None) -> IngestResult:

@@ -65,6 +65,10 @@ class IngestResult:
     # The DVC metrics file written, or None when the output is not the project's (see
     # tasks/common/stage_metrics.py); set by the flow after the dataset is written.
     metrics_path: Path | None = None
+    # The archive version read: DVC's hash of ingest.source (dvc.lock's dependency hash).
+    archive_digest: str | None = None
+    # Files whose cached result was reused (incremental ingest, tasks/ingest/cache.py).
+    reused: int = 0
 
     def describe(self) -> str:
         """A short human summary: counts, time, output, quarantine, report and metrics paths.
@@ -81,6 +85,8 @@ class IngestResult:
             if self.quarantined else "quarantined 0 files",
             f"report: {self.report_path}",
             f"dataset version (DVC hash): {self.digest}",
+            f"archive version (DVC hash of the source): {self.archive_digest or 'unknown'}; "
+            f"{self.reused} of {self.files_total} files unchanged, reused from the cache",
             f"DVC metrics: {self.metrics_path}" if self.metrics_path else
             "DVC metrics: not written (the output is not the project's and reports_dir is; "
             "--set reports_dir=DIR writes them to DIR)",

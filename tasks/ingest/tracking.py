@@ -53,6 +53,7 @@ def log_ingest_result(result: IngestResult, ingest_cfg: IngestConfig,
         "quarantined": result.quarantined,
         "elapsed_seconds": result.elapsed_seconds,
         "files_per_second": result.files_total / max(result.elapsed_seconds, 1e-9),
+        "files_reused": result.reused,
         **{f"images_{split}": n for split, n in result.splits.items()},
         **{f"images_site_{site}": n for site, n in result.sites.items()},
     }
@@ -62,6 +63,7 @@ def log_ingest_result(result: IngestResult, ingest_cfg: IngestConfig,
                       "ingest.internal_site_resolved": result.internal_site},
         manifest_dtypes=result.manifest_dtypes,
         artifacts=[result.report_path, result.output / "montage.png"],
+        archive_digest=result.archive_digest,
     )
 
 
@@ -75,6 +77,7 @@ def log_ingest_run(
     extra_params: dict[str, str],
     manifest_dtypes: dict[str, str],
     artifacts: list[Path],
+    archive_digest: str | None = None,
 ) -> str:
     """Create the "ingest" run and return its ID.
 
@@ -84,6 +87,8 @@ def log_ingest_run(
     """
     client = MlflowClient(tracking_uri=mlflow_cfg.resolved_uri())
     tags = {"synthdx.stage": "ingest", "synthdx.dataset_digest": digest}
+    if archive_digest:  # the archive version read (DVC's hash of ingest.source)
+        tags["synthdx.archive_digest"] = archive_digest
     parent = os.environ.get(PARENT_RUN_ENV, "").strip()
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
