@@ -206,7 +206,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
 
 
 def fidelity(cfg: Config, snap: Path, guidance: float, steps: int,
-             task: str = "amyloidosis", per_class: int = 60) -> dict[str, Any]:
+             task: str = "amyloidosis", per_class: int = 60, eta: float = 0.0) -> dict[str, Any]:
     """TSTR / TRTR of one snapshot for one task (the audit's ``tstr_task``).
 
     Amyloidosis: ``per_class`` Perugini-0 images and half as many each of Perugini 2 and 3 (no
@@ -236,7 +236,7 @@ def fidelity(cfg: Config, snap: Path, guidance: float, steps: int,
     bf16 = auto_precision("auto", "cpu") == "bf16-mixed"
     syn = torch.cat([sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
                             list(range(i, min(i + 12, len(grades)))), (2, *size), "cpu",
-                            null_cond=module.spec.null_indices,
+                            null_cond=module.spec.null_indices, eta=eta,
                             autocast_dtype=torch.bfloat16 if bf16 else None,
                             intensity=module.intensity, **module.noise_schedule)
                      for i in range(0, len(grades), 12)]).float()
@@ -253,7 +253,7 @@ def fidelity(cfg: Config, snap: Path, guidance: float, steps: int,
                       positive["train"], real.load(split == "val", size), positive["val"],
                       cfg.audit.tstr.model_copy(update={"steps": 500}), 17, torch.device("cpu"))
     result = {"snapshot": snap.name, "task": task, "guidance": guidance, "ddim_steps": steps,
-              **{k: entry[k] for k in ("auc_synthetic", "auc_real", "ratio",
+              "eta": eta, **{k: entry[k] for k in ("auc_synthetic", "auc_real", "ratio",
                                        "positives_synthetic", "positives_real", "n_val",
                                        "positives_val")}}
     print(json.dumps(result), flush=True)
@@ -271,6 +271,8 @@ def main() -> None:
     f.add_argument("--steps", type=int, default=25)
     f.add_argument("--task", default="amyloidosis", choices=["amyloidosis", "metastasis"])
     f.add_argument("--per-class", type=int, default=60)
+    f.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic, 1 stochastic (less grain, RESULTS.md)")
     for p in (t, e, f):
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
         p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -287,7 +289,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "fidelity":
         fidelity(load_config(args.params, args.overrides), args.snapshot, args.guidance,
-                 args.steps, args.task, args.per_class)
+                 args.steps, args.task, args.per_class, args.eta)
     elif args.command == "train":
         cfg = load_config(args.params, args.overrides)
         train(cfg, args.out, {int(s) for s in args.snapshots.split(",")}, args.init)
