@@ -2,8 +2,11 @@
 
 :func:`tasks.validate.pipeline.run_validation` does the numbers and files; this module adds what
 a stage process does around them: resolve paths from params, log the run (metrics, report,
-plots) to MLflow nested under the pipeline's run, and register each task's champion (chosen on
-internal validation AUC) in the Model Registry.
+plots) to MLflow nested under the pipeline's run, and register each task's best model (chosen on
+internal validation AUC) in the Model Registry: as ``champion`` when it beats the current one
+(tasks/validate/promotion.py), as ``challenger`` otherwise. The decisions and their reasons are
+written to ``<validation.output>/promotion.json``, a section of the HTML report, MLflow tags
+(``synthdx.promotion.<task>``) and the registry version's tags.
 
 ``headline_table`` is re-exported from tasks.artifacts.validation_report, where it now lives:
 flows/orchestration/summary.py imports it from here.
@@ -11,6 +14,7 @@ flows/orchestration/summary.py imports it from here.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts.classifier_folder import read_model_infos
+from tasks.artifacts.promotion_report import PROMOTION_JSON, promotion_lines, write_promotion
 from tasks.artifacts.validation_report import headline_table as headline_table
+from tasks.common.atomic import atomic_write_text
 from tasks.common.tracking import check_tracking_server, log_params, stage_run
 from tasks.config import Config
 from tasks.validate.champions import pick_champions, register_champions
@@ -33,15 +39,18 @@ class ValidateSummary:
 
     result: ValidationResult
     champions: dict[str, dict[str, str]] = field(default_factory=dict)
+    promotion: dict[str, Any] | None = None
     seconds: float = 0.0
     mlflow_run_id: str | None = None
 
     def describe(self) -> str:
         """The headline table (seed-ensemble AUC per regime and site) and where things are."""
         return "\n".join([f"validate: {self.seconds:.1f} s", headline_table(self.result.report),
-                          *(f"  champion {task}: {c['model_uri']} (version {c['version']}, "
-                            f"{c['regime']} seed {c['seed']})"
+                          *(f"  {c.get('alias', 'champion')} {task}: {c['model_uri']} "
+                            f"(version {c['version']}, {c['regime']} seed {c['seed']})"
                             for task, c in sorted(self.champions.items())),
+                          *(f"  promotion {line}" for line in
+                            promotion_lines(self.promotion or {})),
                           f"  report: {self.result.html_path}",
                           f"  numbers: {self.result.json_path}",
                           f"  MLflow run: {self.mlflow_run_id}"])
@@ -93,11 +102,77 @@ def validate_stage(cfg: Config) -> ValidateSummary:
             info["task"]: per_model.get(f"{info['task']}/{info['regime']}/{info['seed']}", {})
             for info in _champion_infos(infos)})
         mlflow.log_dict(champions, "champions.json")
-        summary = ValidateSummary(result=result, champions=champions,
+        promotion = record_promotion(cfg, champions, Path(v.output), result.html_path)
+        summary = ValidateSummary(result=result, champions=champions, promotion=promotion,
                                   seconds=time.perf_counter() - started,
                                   mlflow_run_id=run.info.run_id)
         mlflow.log_metric("seconds", summary.seconds)
     return summary
+
+
+def record_promotion(cfg: Config, champions: dict[str, dict[str, str]], reports: Path,
+                     html_path: Path) -> dict[str, Any] | None:
+    """Write promotion.json, tag the active run and add the decisions to the HTML report.
+
+    Returns:
+        promotion.json's document, or None when nothing was registered (registration off).
+    """
+    import mlflow
+
+    if not champions:
+        return None
+    settings = cfg.validation.promotion.model_dump(mode="json")
+    tasks = {}
+    for task, entry in champions.items():
+        gate = json.loads(entry["gate"])
+        tasks[task] = {**gate, "name": entry["name"], "version": entry["version"],
+                       "candidate": {"regime": entry["regime"], "seed": int(entry["seed"]),
+                                     "run_id": entry["run_id"]},
+                       "champion": ({"version": entry["previous"]} if entry["previous"]
+                                    else None)}
+        mlflow.set_tags({f"synthdx.promotion.{task}": entry["decision"],
+                         f"synthdx.promotion.{task}.reason": entry["reason"][:4900]})
+    write_promotion(reports / PROMOTION_JSON, settings, tasks)
+    mlflow.log_artifact(str(reports / PROMOTION_JSON))
+    doc = {"settings": settings, "tasks": tasks}
+    if html_path.is_file():
+        page = html_path.read_text(encoding="utf-8")
+        if "</body>" in page:
+            atomic_write_text(html_path, page.replace("</body>", promotion_html(doc) + "</body>",
+                                                      1))
+            mlflow.log_artifact(str(html_path))
+    return doc
+
+
+def promotion_html(doc: dict[str, Any]) -> str:
+    """The report's "Champion / challenger" section: each task's decision, reason and sites."""
+    from html import escape
+
+    def num(value: Any, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    s = doc["settings"]
+    parts = ['<section id="promotion"><h2>Champion / challenger</h2>',
+             f"<p>The best new model of each task against the registry's champion on the same "
+             f"cases (paired DeLong): no site worse by more than {s['tolerance']:g} "
+             f"(significant at {s['alpha']:g}), pooled AUC better by more than "
+             f"{s['margin']:+g}.</p>"]
+    for task, entry in sorted(doc["tasks"].items()):
+        parts.append(f"<h3>{escape(task)}: {escape(entry['decision'])} "
+                     f"({escape(str(entry['name']))} version {escape(str(entry['version']))})"
+                     f"</h3><p>{escape(entry['reason'])}</p>")
+        rows = [*entry["sites"], *([entry["pooled"]] if entry["pooled"] else [])]
+        if rows:
+            parts.append("<table><tr><th>set</th><th>n</th><th>AUC new</th>"
+                         "<th>AUC champion</th><th>delta</th><th>p</th><th>blocks</th></tr>")
+            parts += [f"<tr><td>{escape(r['site'])}</td><td>{r['n']}</td>"
+                      f"<td>{num(r['auc_new'], '.3f')}</td>"
+                      f"<td>{num(r['auc_champion'], '.3f')}</td>"
+                      f"<td>{num(r['delta'], '+.3f')}</td><td>{num(r['p_value'], '.3g')}</td>"
+                      f"<td>{'yes' if r['blocks'] else escape(r['note']) or 'no'}</td></tr>"
+                      for r in rows]
+            parts.append("</table>")
+    return "\n".join(parts) + "</section>\n"
 
 
 def _champion_infos(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
