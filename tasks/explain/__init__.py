@@ -1,0 +1,1 @@
+"""Counterfactual heat maps from the diffusion model (``synthdx explain``); not a stage."""
