@@ -669,6 +669,29 @@ class MlflowConfig(_Strict, section="mlflow"):
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
 
 
+class DriftConfig(_Strict, section="drift"):
+    """Per-site drift of each ingest against the data the current champion was trained on.
+
+    The new studies of every site (those not in the champion's reference) are compared with the
+    reference's studies of that site; a site is flagged when a value moves beyond its threshold,
+    and named when it is new or has a new camera or tracer (stage drift).
+    """
+
+    output: Path = Field(description="The drift table (JSON); a Markdown copy is logged.")
+    min_new_studies: Annotated[int, Field(ge=1)] = Field(
+        description="Fewer new studies at a site: its numbers are shown but not judged.")
+    smd: PositiveFloat = Field(
+        description="Flag when the standardised mean difference of an intensity statistic or "
+                    "of the counts exceeds this (in either direction).")
+    pixel_mm: PositiveFloat = Field(
+        description="Flag when the mean pixel spacing changes by more than this share.")
+    prevalence: Fraction = Field(
+        description="Flag when a finding's share (metastasis, amyloid) moves by more than this.")
+    feature_shift: PositiveFloat = Field(
+        description="Flag when the audit encoder's mean embedding moves by more than this "
+                    "(root mean square over dimensions, in reference standard deviations).")
+
+
 class PipelineConfig(_Strict, section="pipeline"):
     """How ``synthdx run`` runs the stages (no stage depends on it: changing it reruns nothing)."""
 
@@ -777,6 +800,7 @@ class Config(_Strict, section=""):
     classifier: ClassifierConfig
     validation: ValidateConfig
     pipeline: PipelineConfig
+    drift: DriftConfig
     reader_study: ReaderStudyConfig
     explain: ExplainConfig
 

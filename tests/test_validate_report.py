@@ -267,7 +267,7 @@ def test_html_is_self_contained_and_shows_every_site_and_regime(
         validation: ValidationResult) -> None:
     html = validation.html_path.read_text(encoding="utf-8")
     images = re.findall(r'<img[^>]*src="([^"]*)"', html)
-    assert len(images) == 2 * len(TASKS) * len(_sets())
+    assert len(images) == 3 * len(TASKS) * len(_sets())  # ROC, calibration, risk-coverage
     assert all(src.startswith("data:image/png;base64,") for src in images)
     without_data = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)
     assert "http" not in without_data and "//" not in re.sub(r"<style>.*?</style>", "",

@@ -120,6 +120,49 @@ def _headline(comparison: Mapping[str, Any], confidence: float = 0.95) -> str:
             f"per seed {_mean_sd(ext['seed_relative_change_pct'], 'pct')}).")
 
 
+def _calibration_notes(doc: Mapping[str, Any]) -> list[str]:
+    """Why a model's calibrator fell back to none (e.g. one class in validation), once each."""
+    notes = []
+    for model in doc["models"]:
+        note = model["calibrator"]["note"]
+        if note:
+            notes.append(f"{model['regime']} seed {model['seed']}: {note}")
+    return notes
+
+
+def _abstention_lines(doc: Mapping[str, Any], sets: Mapping[str, Any]) -> list[str]:
+    """The abstention check in words: one line per regime over the external sites.
+
+    Where accepted cases are not more accurate than all cases, the sites are named: a reader
+    should know where referring uncertain cases did not help.
+    """
+    lines = []
+    by_regime: dict[str, list[Mapping[str, Any]]] = {}
+    for row in doc["abstention_check"]:
+        by_regime.setdefault(row["regime"], []).append(row)
+    for regime, rows in by_regime.items():
+        judged = [r for r in rows if r["verdict"] != "not applicable"]
+        skipped = [sets[r["set"]]["site"] for r in rows if r["verdict"] == "not applicable"]
+        worse = [r for r in judged if r["verdict"] == "not higher"]
+        text = f"Abstention, {regime}: "
+        if not judged:
+            text += "not judged at any external site (AUC at most "
+            text += f"{_num(rows[0]['min_auc'], 2)} or no cases)." if rows else "no sites)."
+            lines.append(text)
+            continue
+        higher = len(judged) - len(worse)
+        text += (f"accuracy on accepted cases higher than on all cases at {higher} of "
+                 f"{len(judged)} external site(s) with AUC > {_num(judged[0]['min_auc'], 2)}")
+        if worse:
+            text += "; NOT higher at " + ", ".join(
+                f"{r['set']} ({_num(r['accuracy_accepted'])} vs {_num(r['accuracy_all'])})"
+                for r in worse)
+        if skipped:
+            text += f"; not judged at {', '.join(skipped)} (AUC at most the limit)"
+        lines.append(text + ".")
+    return lines
+
+
 def render_html(report: Mapping[str, Any],
                 figures: Mapping[tuple[str, str], SetFigures]) -> str:
     """Render the report page from the validation JSON and the figure files it refers to."""
@@ -132,12 +175,15 @@ def render_html(report: Mapping[str, Any],
             files = figures.get((task, es["key"]))
             if files is not None:
                 plots.append({"set": es, "roc": _data_uri(files.roc_png),
-                              "calibration": _data_uri(files.calibration_png)})
+                              "calibration": _data_uri(files.calibration_png),
+                              "risk_coverage": _data_uri(files.risk_coverage_png)})
         confidence = float(report["config"]["confidence"])
         comparisons = [dict(c, headline=_headline(c, confidence)) for c in doc["comparisons"]]
         tasks.append({"name": task, "doc": doc, "sets": sets, "plots": plots,
                       "comparisons": comparisons,
                       "subgroups": _subgroup_rows(doc),
+                      "calibration_notes": _calibration_notes(doc),
+                      "abstention_lines": _abstention_lines(doc, sets_by_key),
                       "provenance": [p for p in report["provenance"] if p["task"] == task]})
     return _environment().get_template(TEMPLATE).render(report=report, tasks=tasks,
                                                          min_per_class=MIN_PER_CLASS)

@@ -7,7 +7,12 @@ Outputs under ``reports_dir``::
     validation.html             the self-contained page a clinician reads
     validation/roc/<task>_<site>.csv          regime,fpr,tpr            (dvc plots)
     validation/calibration/<task>_<site>.csv  regime,bin,mean_predicted,fraction_positive,count
-    validation/figures/roc_<task>_<site>.png, calibration_<task>_<site>.png
+    validation/calibrated/<task>_<site>.csv   the same after calibration (fitted on validation)
+    validation/risk_coverage/<task>_<site>.csv  regime,threshold,coverage,risk
+    validation/figures/roc_<task>_<site>.png, calibration_<task>_<site>.png (before | after),
+        risk_coverage_<task>_<site>.png
+    validation/calibrators/<task>_<regime>.json  the seeds' calibrators and abstention threshold
+        (tasks/validate/calibrators_file.py; the registered champion carries its regime's)
 
 The ``validation/`` folder is replaced as a whole (temporary sibling, then rename) and every file
 is written through a temporary name, so a killed run never leaves a half-written report. The
@@ -36,12 +41,17 @@ from tasks.artifacts.validation_report import (
 from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.config import ValidateConfig
 from tasks.validate.assess import (
+    CalibratedEnsemble,
     Ensemble,
     assess_ensembles,
     assess_models,
+    calibrated_ensemble,
     ensemble,
     ordered_regimes,
 )
+from tasks.validate.calibration import fit_task_calibrators, validation_scores
+from tasks.validate.calibrators_file import write_calibrators
+from tasks.validate.clinical_checks import abstention_check, calibration_goal
 from tasks.validate.compare import compare_regimes
 from tasks.validate.evalsets import EvalSet, eval_sets
 from tasks.validate.figures import SetFigures, write_set_figures
@@ -52,8 +62,11 @@ from tasks.validate.schema import validate_report
 from tasks.validate.subgroups import Interval, subgroup_aucs
 
 POSITIVE_RULE = "score >= threshold"
-SCHEMA_VERSION = 2
-"""2: no `generated` timestamp and no per-model `created` (the report is a DVC output)."""
+SCHEMA_VERSION = 3
+"""2: no `generated` timestamp and no per-model `created` (the report is a DVC output).
+3: calibrated probabilities (per-model calibrator, ``ece_calibrated``, ``brier_calibrated``,
+the reliability table after calibration), abstention per ensemble and set, and the task's
+``calibration_goal`` and ``abstention_check`` verdict rows (issue 17)."""
 POOLED_METRICS = ("delta_auc", "delta_auc_ci_low", "delta_auc_ci_high", "p_value")
 """The pooled external comparison's numbers logged to MLflow (``<...>.pooled_external.<key>``)."""
 
@@ -68,6 +81,7 @@ class ValidationResult:
     html_path: Path
     plots_dir: Path
     figures: dict[tuple[str, str], SetFigures] = field(default_factory=dict)
+    calibrators: list[Path] = field(default_factory=list)
 
 
 def _jsonable(value: Any) -> Any:
@@ -139,12 +153,28 @@ def _subgroups(cases: TaskCases, sets: list[EvalSet], ensembles: list[Ensemble],
     return rows
 
 
-def assess_task(cases: TaskCases, cfg: ValidateConfig) -> tuple[dict[str, Any], list[EvalSet]]:
-    """Every number of one task: models, seed ensembles, comparisons, subgroups."""
+@dataclass(frozen=True)
+class TaskAssessment:
+    """One task's aligned cases, evaluation sets and calibrated seed ensembles (for figures)."""
+
+    cases: TaskCases
+    sets: list[EvalSet]
+    calibrated: dict[str, CalibratedEnsemble]
+
+
+def assess_task(cases: TaskCases, cfg: ValidateConfig) -> tuple[dict[str, Any], TaskAssessment]:
+    """Every number of one task: models, seed ensembles, comparisons, subgroups, calibration.
+
+    Calibrators and the abstention threshold are fitted on the task's internal validation cases.
+    """
     sets = eval_sets(cases.cases)
     regimes = ordered_regimes({r for r, _ in cases.scores})
-    models = assess_models(cases, sets, cfg)
-    ensembles_doc = assess_ensembles(cases, sets, cfg, models)
+    val = validation_scores(cases)
+    calibrators = fit_task_calibrators(val, cfg.calibration.method)
+    calibrated = {r: calibrated_ensemble(cases, r, calibrators, val, cfg.abstention.coverage)
+                  for r in regimes}
+    models = assess_models(cases, sets, cfg, calibrators)
+    ensembles_doc = assess_ensembles(cases, sets, cfg, models, calibrated)
     pairs = [(str(a), str(b)) for a, b in cfg.comparisons]
     comparisons, skipped = compare_regimes(cases, pairs, sets, cfg.confidence,
                                            resamples=cfg.bootstrap, seed=cfg.seed)
@@ -154,21 +184,25 @@ def assess_task(cases: TaskCases, cfg: ValidateConfig) -> tuple[dict[str, Any], 
            "ensembles": ensembles_doc, "comparisons": comparisons,
            "skipped_comparisons": skipped,
            "subgroups": _subgroups(cases, sets, ensembles, cfg)}
-    return doc, sets
+    internal = [es.key for es in sets if es.internal]
+    doc["calibration_goal"] = calibration_goal(doc, internal, cfg.calibration.target_ece,
+                                               cfg.calibration_bins)
+    doc["abstention_check"] = abstention_check(doc, [es.key for es in sets if not es.internal],
+                                               cfg.abstention.min_auc)
+    return doc, TaskAssessment(cases=cases, sets=sets, calibrated=calibrated)
 
 
 def build_report(models: list[ModelRun], cfg: ValidateConfig, classifiers_root: Path
-                 ) -> tuple[dict[str, Any], dict[str, TaskCases], dict[str, list[EvalSet]]]:
+                 ) -> tuple[dict[str, Any], dict[str, TaskAssessment]]:
     """The validation report (JSON-ready, schema-checked) and the aligned cases behind it."""
     tasks: dict[str, Any] = {}
-    cases_by_task: dict[str, TaskCases] = {}
-    sets_by_task: dict[str, list[EvalSet]] = {}
+    assessed: dict[str, TaskAssessment] = {}
     all_sets: dict[str, EvalSet] = {}
     for task in sorted({m.task for m in models}):
         cases = align_task([m for m in models if m.task == task])
-        doc, sets = assess_task(cases, cfg)
-        tasks[task], cases_by_task[task], sets_by_task[task] = doc, cases, sets
-        for es in sets:
+        doc, assessment = assess_task(cases, cfg)
+        tasks[task], assessed[task] = doc, assessment
+        for es in assessment.sets:
             all_sets.setdefault(es.key, es)
     ordered = sorted(all_sets.values(), key=lambda s: (not s.internal, s.key))
     report = _jsonable({
@@ -181,7 +215,7 @@ def build_report(models: list[ModelRun], cfg: ValidateConfig, classifiers_root: 
         "provenance": [provenance(m) for m in models],
     })
     validate_report(report)
-    return report, cases_by_task, sets_by_task
+    return report, assessed
 
 
 def comparison_name(with_: str, without: str) -> str:
@@ -190,18 +224,22 @@ def comparison_name(with_: str, without: str) -> str:
 
 
 def dvc_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """The key numbers for ``dvc metrics show``: ensemble AUC per site, Delta AUC per comparison.
+    """The key numbers for ``dvc metrics show``: AUC, calibrated ECE, Delta AUC per comparison.
 
-    ``{"auc": {task: {regime: {site: auc}}}, "delta_auc": {task: {"<with>_vs_<without>":
-    {site: delta, "external_mean": mean, "pooled_external": pooled}}}}``. ``pooled_external`` is
+    ``{"auc": {task: {regime: {site: auc}}}, "ece_calibrated": (same shape), "delta_auc":
+    {task: {"<with>_vs_<without>": {site: delta, "external_mean": mean,
+    "pooled_external": pooled}}}}``. ``pooled_external`` is
     the pooled comparison's estimate (equal to ``external_mean`` when every site is assessable,
     null when one is not). No timings, p-values or bootstrap bounds: ``dvc metrics diff`` should
     show changes of the models, not noise.
     """
     auc: dict[str, Any] = {}
+    ece: dict[str, Any] = {}
     delta: dict[str, Any] = {}
     for task, doc in report["tasks"].items():
         auc[task] = {e["regime"]: {k: m["auc"] for k, m in e["sets"].items()}
+                     for e in doc["ensembles"]}
+        ece[task] = {e["regime"]: {k: m["ece_calibrated"] for k, m in e["sets"].items()}
                      for e in doc["ensembles"]}
         delta[task] = {}
         for comp in doc["comparisons"]:
@@ -211,7 +249,7 @@ def dvc_metrics(report: dict[str, Any]) -> dict[str, Any]:
             if comp.get("pooled") is not None:
                 row["pooled_external"] = comp["pooled"]["delta_auc"]
             delta[task][comparison_name(comp["with"], comp["without"])] = row
-    return {"auc": auc, "delta_auc": delta}
+    return {"auc": auc, "ece_calibrated": ece, "delta_auc": delta}
 
 
 def mlflow_metric_name(*parts: str) -> str:
@@ -224,7 +262,9 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
     """What the caller logs to MLflow: flat metrics and the artifact files.
 
     Metrics: ``<task>.<regime>.<site>.auc`` (seed ensemble) plus ``.auc_ci_low``,
-    ``.auc_ci_high``, ``.sensitivity``, ``.specificity``, ``.brier``, ``.ece``, and
+    ``.auc_ci_high``, ``.sensitivity``, ``.specificity``, ``.brier``, ``.ece``,
+    ``.ece_calibrated``, ``.brier_calibrated``, abstention's ``.coverage``, ``.aurc``,
+    ``.accuracy_all``, ``.accuracy_accepted``, and
     ``<task>.<with>_vs_<without>.<site>.delta_auc`` / ``.p_value``,
     ``...external_mean.delta_auc`` and the pooled comparison
     ``...pooled_external.delta_auc`` / ``.delta_auc_ci_low`` / ``.delta_auc_ci_high`` /
@@ -232,13 +272,20 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
     numbers (None) are left out: MLflow has no null.
     """
     metrics: dict[str, float] = {}
-    keys = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "brier", "ece")
+    keys = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "brier", "ece",
+            "ece_calibrated", "brier_calibrated")
     for task, doc in result.report["tasks"].items():
         for ens in doc["ensembles"]:
             for site, m in ens["sets"].items():
                 for key in keys:
                     if m[key] is not None:
                         metrics[mlflow_metric_name(task, ens["regime"], site, key)] = m[key]
+                ab = m["abstention"]
+                for key, value in (("coverage", ab["coverage"]), ("aurc", ab["aurc"]),
+                                   ("accuracy_all", ab["all"]["accuracy"]),
+                                   ("accuracy_accepted", ab["accepted"]["accuracy"])):
+                    if value is not None:
+                        metrics[mlflow_metric_name(task, ens["regime"], site, key)] = value
         for comp in doc["comparisons"]:
             name = comparison_name(comp["with"], comp["without"])
             for site, d in comp["sets"].items():
@@ -261,15 +308,12 @@ def mlflow_payload(result: ValidationResult) -> tuple[dict[str, float], list[Pat
                                                    finding["group"], key)] = pooled[key]
     artifacts = [result.json_path, result.metrics_path, result.html_path]
     for files in result.figures.values():
-        artifacts += [files.roc_png, files.calibration_png, files.roc_csv, files.calibration_csv]
-    return metrics, artifacts
+        artifacts += files.paths()
+    return metrics, artifacts + result.calibrators
 
 
 def _relocate(files: SetFigures, old: Path, new: Path) -> SetFigures:
-    def move(p: Path) -> Path:
-        return new / p.relative_to(old)
-    return SetFigures(roc_csv=move(files.roc_csv), calibration_csv=move(files.calibration_csv),
-                      roc_png=move(files.roc_png), calibration_png=move(files.calibration_png))
+    return SetFigures(*(new / p.relative_to(old) for p in files.paths()))
 
 
 def run_validation(classifiers_root: Path, reports_dir: Path, cfg: ValidateConfig
@@ -282,15 +326,19 @@ def run_validation(classifiers_root: Path, reports_dir: Path, cfg: ValidateConfi
     """
     classifiers_root, reports_dir = Path(classifiers_root), Path(reports_dir)
     models = discover_models(classifiers_root)
-    report, cases_by_task, sets_by_task = build_report(models, cfg, classifiers_root)
+    report, assessed = build_report(models, cfg, classifiers_root)
     plots_dir = reports_dir / PLOTS_DIR
     figures: dict[tuple[str, str], SetFigures] = {}
     with atomic_dir(plots_dir) as tmp:
-        for task, cases in cases_by_task.items():
-            ensembles = [ensemble(cases, r) for r in report["tasks"][task]["regimes"]]
-            for es in sets_by_task[task]:
+        for task, part in assessed.items():
+            regimes = report["tasks"][task]["regimes"]
+            ensembles = [ensemble(part.cases, r) for r in regimes]
+            calibrated = [part.calibrated[r] for r in regimes]
+            for es in part.sets:
                 figures[(task, es.key)] = write_set_figures(
-                    tmp, task, es, cases.labels, cases.cases, ensembles, cfg.calibration_bins)
+                    tmp, task, es, part.cases.labels, part.cases.cases, ensembles, calibrated,
+                    cfg.calibration_bins)
+        calibrators = [plots_dir / p.relative_to(tmp) for p in write_calibrators(tmp, report)]
         html = render_html(report, figures)
         figures = {k: _relocate(v, tmp, plots_dir) for k, v in figures.items()}
     metrics_path = reports_dir / METRICS_JSON
@@ -300,4 +348,5 @@ def run_validation(classifiers_root: Path, reports_dir: Path, cfg: ValidateConfi
     atomic_write_text(html_path, html)
     write_report_json(json_path, report)
     return ValidationResult(report=report, json_path=json_path, metrics_path=metrics_path,
-                            html_path=html_path, plots_dir=plots_dir, figures=figures)
+                            html_path=html_path, plots_dir=plots_dir, figures=figures,
+                            calibrators=calibrators)
