@@ -25,6 +25,7 @@ from tests.conftest import PARAMS, diffusion_module
 
 ROWS, COLS = 32, 16  # processed size; the model works at half of it (area-resized)
 N = 6
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only cost
 
 
 def test_pointing_game_hit_and_miss_on_a_constructed_case() -> None:
