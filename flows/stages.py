@@ -151,6 +151,12 @@ STAGES: tuple[Stage, ...] = (
                            key="ingest.workers")),
         errors=("tasks.ingest.errors:IngestError", "OSError")),
     Stage(
+        name="drift", section="drift", run="tasks.drift.stage:run_drift",
+        track="tasks.drift.tracking:log_drift",
+        help="Per-site drift of the processed dataset against the current champion's training "
+             "data.",
+        options=(Shorthand("output", Path | None, "Drift table (JSON).", key="drift.output"),)),
+    Stage(
         name="train_diffusion", section="diffusion", run="tasks.diffusion.train:train_diffusion",
         help="Train the class-conditional diffusion model on the processed training split.",
         options=(Shorthand("max_steps", int | None, "Train up to this step.",

@@ -23,10 +23,12 @@ import torch
 
 from tasks.artifacts.audit_output import (
     AUDIT_JSON,
+    ENCODER_FILE,
     NEAREST_CSV,
     PAIRS_PNG,
     RELEASED_DIR,
     WITHHELD_CSV,
+    write_encoder,
 )
 from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.audit.data import (
@@ -368,6 +370,7 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         plot_pairs(tmp / PAIRS_PNG, x.images, x.train, table, check.nearest,
                    a.privacy.pairs_shown)
         write_json(tmp / AUDIT_JSON, document)
+        write_encoder(tmp / ENCODER_FILE, encoder, x.synthetic.size)
     timings["total"] = time.perf_counter() - started
     metrics_path = stage_metrics_path(cfg.reports_dir, output,
                                       AuditConfig.model_fields["output"].default,

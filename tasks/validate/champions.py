@@ -64,8 +64,9 @@ def register_champions(cfg: Config, infos: list[dict[str, Any]],
 
     Returns:
         ``{task: {"name", "version", "model_uri", "alias", "regime", "seed", "run_id",
-        "decision", "reason", "gate", "previous"}}`` (``gate``: the per-site comparison as
-        JSON text; ``previous``: the champion version it was compared with, or ""); empty when
+        "decision", "reason", "gate", "previous", "processed"}}`` (``gate``: the per-site
+        comparison as JSON text; ``previous``: the champion version it was compared with, or "";
+        ``processed``: the dataset it was trained and scored on); empty when
         registration is off (prefix null) or a model has no MLflow run.
     """
     prefix = cfg.classifier.registered_model_prefix
@@ -120,7 +121,8 @@ def register_champions(cfg: Config, infos: list[dict[str, Any]],
                             "seed": str(info["seed"]), "run_id": run_id,
                             "decision": decision.decision, "reason": decision.reason,
                             "gate": json.dumps(decision.as_dict()),
-                            "previous": "" if current is None else str(current.version)}
+                            "previous": "" if current is None else str(current.version),
+                            "processed": str(_processed(cfg, info))}
     return registered
 
 

@@ -103,6 +103,7 @@ def validate_stage(cfg: Config) -> ValidateSummary:
             for info in _champion_infos(infos)})
         mlflow.log_dict(champions, "champions.json")
         promotion = record_promotion(cfg, champions, Path(v.output), result.html_path)
+        record_drift_references(cfg, champions)
         summary = ValidateSummary(result=result, champions=champions, promotion=promotion,
                                   seconds=time.perf_counter() - started,
                                   mlflow_run_id=run.info.run_id)
@@ -142,6 +143,41 @@ def record_promotion(cfg: Config, champions: dict[str, dict[str, str]], reports:
                                                       1))
             mlflow.log_artifact(str(html_path))
     return doc
+
+
+def record_drift_references(cfg: Config, champions: dict[str, dict[str, str]]) -> None:
+    """Record, with each newly promoted champion, the profile of the data it was trained on.
+
+    The drift stage compares every later ingest with it (tasks/artifacts/drift_reference.py):
+    an MLflow artifact folder ``drift_reference/`` of the champion's run, named by the
+    version's ``drift_reference`` tag. The audit's current encoder travels with it, so later
+    images are embedded in the same feature space.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from tasks.artifacts.audit_output import ENCODER_FILE
+    from tasks.artifacts.drift_reference import ARTIFACT_PATH, profile_dataset, write_reference
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    encoder = Path(cfg.audit.output) / ENCODER_FILE
+    encoder_file = encoder if encoder.is_file() else None
+    profiles: dict[str, Any] = {}
+    for task, entry in sorted(champions.items()):
+        if entry["decision"] != "promoted":
+            continue
+        processed = entry["processed"]
+        if processed not in profiles:
+            profiles[processed] = profile_dataset(Path(processed), encoder_file)
+        with tempfile.TemporaryDirectory(prefix="synthdx-reference-") as tmp:
+            write_reference(Path(tmp), profiles[processed], encoder_file,
+                            {"processed": processed, "task": task, "model": entry["name"],
+                             "version": entry["version"],
+                             "encoder": str(encoder_file) if encoder_file else None})
+            client.log_artifacts(entry["run_id"], tmp, ARTIFACT_PATH)
+        client.set_model_version_tag(entry["name"], entry["version"], "drift_reference",
+                                     f"runs:/{entry['run_id']}/{ARTIFACT_PATH}")
 
 
 def promotion_html(doc: dict[str, Any]) -> str:
