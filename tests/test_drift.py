@@ -168,3 +168,32 @@ def test_drift_stage_flags_a_new_camera_against_the_champions_reference(project,
     assert tags["synthdx.drift.flagged"] == "northgate"
     assert "new camera at northgate" in tags["synthdx.drift.northgate"]
     assert client.get_run(result.mlflow_run_id).data.metrics["drift.northgate.flagged"] == 1.0
+
+
+def test_pipeline_summary_shows_decisions_and_the_drift_table(tmp_path: Path):
+    from flows.orchestration.summary import PipelineSummary, StageOutcome, loop_results
+    from tasks.artifacts.drift_report import write_drift
+    from tasks.artifacts.promotion_report import write_promotion
+
+    assert loop_results(tmp_path, tmp_path / "drift.json") == ([], None, {})
+    write_promotion(tmp_path / "promotion.json", {"tolerance": 0.02, "margin": 0.0,
+                                                  "alpha": 0.05},
+                    {"metastasis": {"decision": "challenger", "name": "m", "version": "2",
+                                    "reason": "not better overall: pooled delta AUC -0.010"}})
+    write_drift(tmp_path / "drift.json", {
+        "reference": {"model": "m", "version": "1", "images": 80}, "note": "",
+        "sites": [{"site": "northgate", "status": "known", "n_new": 9, "n_now": 30,
+                   "judged": True, "flagged": True,
+                   "flags": ["new camera at northgate: Philips Forte"]}],
+        "flagged": ["northgate"]})
+    lines, drift, tags = loop_results(tmp_path, tmp_path / "drift.json")
+    assert lines == ["metastasis: challenger m v2: not better overall: pooled delta AUC -0.010"]
+    assert tags == {"synthdx.promotion.metastasis": "challenger: not better overall: pooled "
+                    "delta AUC -0.010", "synthdx.drift.flagged": "northgate"}
+    summary = PipelineSummary(profile="tiny", stages=[StageOutcome("drift", "ran", 1.0, 1)],
+                              promotion=lines, drift=drift)
+    markdown = summary.markdown()
+    assert "## Champion / challenger" in markdown and "- metastasis: challenger m v2" in markdown
+    assert "| northgate | known | 9 / 30 |" in markdown
+    assert "**DRIFT** new camera at northgate: Philips Forte" in markdown
+    assert "drift: northgate FLAGGED: new camera at northgate" in summary.describe()

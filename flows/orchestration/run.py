@@ -21,6 +21,7 @@ from flows.orchestration.summary import (
     headline,
     headline_metrics,
     load_report,
+    loop_results,
 )
 from tasks.common.tracking import use_experiment
 from tasks.config import Config
@@ -120,6 +121,10 @@ def _finish_parent(cfg: Config, root: Path, summary: PipelineSummary,
 
     mlflow.set_tags(lineage_tags(root, cfg.profile))
     summary.headline, summary.report = headline(root / cfg.validation.output)
+    summary.promotion, summary.drift, loop_tags = loop_results(root / cfg.validation.output,
+                                                               root / cfg.drift.output)
+    if loop_tags:
+        mlflow.set_tags(loop_tags)
     mlflow.set_tags({"synthdx.stages_ran": ",".join(summary.ran) or "none",
                      "synthdx.stages_skipped": ",".join(summary.skipped) or "none"})
     if summary.headline:

@@ -33,6 +33,8 @@ class PipelineSummary:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     error: str | None = None
+    promotion: list[str] = field(default_factory=list)
+    drift: dict[str, Any] | None = None
 
     @property
     def ran(self) -> list[str]:
@@ -56,6 +58,11 @@ class PipelineSummary:
             lines += [f"  {s.stage:<52}{_cell(s)}" for s in self.stages if s.outcome != "skipped"]
         if self.headline:
             lines += ["", self.headline]
+        lines += [f"  promotion {line}" for line in self.promotion]
+        if self.drift is not None:
+            from tasks.artifacts.drift_report import drift_lines
+
+            lines += [f"  {line}" for line in drift_lines(self.drift)]
         if self.report:
             lines.append(f"  report: {self.report}")
         if self.mlflow_run_id:
@@ -75,6 +82,13 @@ class PipelineSummary:
             parts += ["", "## Failure", "", "```", self.error, "```"]
         if self.headline:
             parts += ["", "## Headline results", "", "```", self.headline, "```"]
+        if self.promotion:
+            parts += ["", "## Champion / challenger", "",
+                      *(f"- {line.replace('|', '/')}" for line in self.promotion)]
+        if self.drift is not None:
+            from tasks.artifacts.drift_report import drift_markdown
+
+            parts += ["", "## Drift per site", "", drift_markdown(self.drift).rstrip("\n")]
         if self.report:
             parts += ["", f"Report: `{self.report}`"]
         if self.mlflow_run_id:
@@ -172,6 +186,34 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
             if isinstance(pooled.get(key), int | float):
                 out[tag_key(base + suffix)] = float(pooled[key])
     return out
+
+
+def loop_results(reports_dir: Path, drift_path: Path
+                 ) -> tuple[list[str], dict[str, Any] | None, dict[str, str]]:
+    """The nightly loop's results: promotion lines, the drift table, and their MLflow tags.
+
+    Args:
+        reports_dir: the validation output folder (promotion.json).
+        drift_path: the drift stage's table (drift.output).
+
+    Returns:
+        ``(lines, drift, tags)``: one line per task's champion / challenger decision, the drift
+        document (None before the drift stage has run), and the parent run's tags
+        (``synthdx.promotion.<task>``, ``synthdx.drift.flagged``).
+    """
+    from flows.orchestration.lineage import tag_key
+    from tasks.artifacts.drift_report import read_drift
+    from tasks.artifacts.promotion_report import PROMOTION_JSON, promotion_lines, read_promotion
+
+    promotion = read_promotion(reports_dir / PROMOTION_JSON)
+    lines = promotion_lines(promotion) if promotion else []
+    tags = {tag_key(f"synthdx.promotion.{task}"): f"{entry.get('decision')}: "
+            f"{entry.get('reason')}"[:4900]
+            for task, entry in (promotion or {}).get("tasks", {}).items()}
+    drift = read_drift(drift_path)
+    if drift is not None:
+        tags["synthdx.drift.flagged"] = ",".join(drift.get("flagged", [])) or "none"
+    return lines, drift, tags
 
 
 def _browse_hint(tracking_uri: str | None) -> str:
