@@ -247,3 +247,47 @@ def test_commands_on_a_missing_study_say_so(tmp_path):
                          "--output", str(tmp_path / "none"), "--no-mlflow")
     assert result.exit_code == 1
     assert f"{tmp_path / 'none'}: no reader study here" in out
+
+
+@pytest.mark.integration
+def test_the_same_code_runs_the_study_on_postgresql(sources, tmp_path, monkeypatch):
+    """A team's PostgreSQL by URL: create, a reader, an answer once and only once, a report."""
+    import re
+
+    from starlette.testclient import TestClient
+
+    from tasks.reader_study.readers import add_reader
+    from tasks.reader_study.scoring import score_study
+    from tasks.reader_study.study import open_study
+    from tasks.reader_study.web import build_app
+    from tests.servers import postgres
+
+    with postgres(("reader_study",)) as pg:
+        url = pg.url("reader_study")
+        monkeypatch.setenv("SYNTHDX_READER_STUDY_DB", url)  # keeps the password off argv
+        result, out = invoke("reader-study", "create",
+                             *study_args(*sources, tmp_path / "study", cases=6))
+        assert result.exit_code == 0, out
+        assert pg.password not in out and "***" in out
+        assert not (tmp_path / "study" / "study.db").exists()
+        # A second study in the same database is refused; the first is left as it was.
+        result, out = invoke("reader-study", "create",
+                             *study_args(*sources, tmp_path / "other", cases=6))
+        assert result.exit_code == 1 and "already holds a study" in out
+        assert not (tmp_path / "other").exists()
+        opened = open_study(open_cfg(tmp_path / "study").reader_study)
+        add_reader(opened, "pat", "pat-password", seed=1)
+        client = TestClient(build_app(opened, session_minutes=5), base_url="http://testserver")
+        token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text)[1]
+        page = client.post("/login", data={"name": "pat", "password": "pat-password",
+                                           "csrf": token})
+        assert page.url.path == "/case/1"
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]
+        form = {"csrf": csrf, "origin": "synthetic", "perugini_grade": "2",
+                "metastasis": "yes", "confidence": "4"}
+        assert client.post("/case/1/answer", data=form).url.path == "/case/2"
+        assert client.post("/case/1/answer", data=form).status_code == 409
+        assert len(client.get("/cases/1/pixels").content) == 2 * 2 * SIZE[0] * SIZE[1]
+        doc = score_study(opened, 0.95)
+        assert doc["turing"]["per_reader"]["pat"]["answered"] == 1
+        opened.engine.dispose()
