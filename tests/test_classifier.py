@@ -346,8 +346,11 @@ def test_validate_registers_the_champion_chosen_on_validation(stage_run) -> None
     model = mlflow.pyfunc.load_model("models:/synthdx-classifier-amyloidosis@champion")
     images = np.random.default_rng(0).random((3, 2, 128, 32)).astype(np.float32)
     out = model.predict(images)
-    assert list(out.columns) == ["score", "positive"] and len(out) == 3
+    assert list(out.columns) == ["score", "positive", "probability", "uncertainty",
+                                 "abstain"] and len(out) == 3
     assert ((out["score"] >= 0) & (out["score"] <= 1)).all()
+    assert ((out["probability"] >= 0) & (out["probability"] <= 1)).all()
+    assert (out["uncertainty"] >= 0).all()  # the seed ensemble travels with the champion
 
 
 def test_validate_report_and_mlflow_run(stage_run) -> None:

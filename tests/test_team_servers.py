@@ -230,7 +230,8 @@ def test_registered_models_are_in_the_server_registry(project, servers, mlflow_c
     # The champion loads from the registry (its files come from the bucket via the server).
     model = mlflow.pyfunc.load_model(f"models:/{CHAMPION_MODEL}@champion")
     scores = model.predict(np.zeros((3, 2, 64, 16), dtype=np.float32))
-    assert list(scores.columns) == ["score", "positive"] and len(scores) == 3
+    assert list(scores.columns) == ["score", "positive", "probability", "uncertainty",
+                                    "abstain"] and len(scores) == 3
 
 
 def _status(url: str, auth: tuple[str, str] | None, body: dict[str, Any] | None = None

@@ -78,15 +78,23 @@ def risk_coverage(errors: np.ndarray, uncertainty: np.ndarray) -> pd.DataFrame:
 
 
 def aurc(errors: np.ndarray, uncertainty: np.ndarray) -> float | None:
-    """Area under the risk-coverage curve (step-wise over coverage); ``None`` without cases.
+    """Area under the risk-coverage curve; ``None`` without cases.
 
-    Without ties this is the usual mean over k of the error rate of the k most certain cases.
+    The mean over k = 1..n of the error rate of the k most certain cases. Tied uncertainties
+    are taken in every order equally (each tied case counts its group's mean error), so ties
+    neither help nor hurt and the value does not depend on the row order; without ties this is
+    the usual definition. An uncertainty that says nothing (all equal) gives the error rate.
     """
-    curve = risk_coverage(errors, uncertainty)
-    if curve.empty:
+    e = np.asarray(errors, dtype=np.float64)
+    u = np.asarray(uncertainty, dtype=np.float64)
+    if e.shape != u.shape or e.ndim != 1:
+        raise ValueError(f"errors {e.shape} and uncertainty {u.shape} must be 1-D of one length")
+    if not e.size:
         return None
-    steps = np.diff(np.concatenate([[0.0], curve["coverage"].to_numpy()]))
-    return float(np.sum(steps * curve["risk"].to_numpy()))
+    values, inverse, counts = np.unique(u, return_inverse=True, return_counts=True)
+    group_mean = np.bincount(inverse, weights=e, minlength=values.size) / counts
+    ordered = np.repeat(group_mean, counts)  # cases by increasing uncertainty
+    return float(np.mean(np.cumsum(ordered) / np.arange(1, e.size + 1)))
 
 
 def selective_metrics(labels: np.ndarray, predicted: np.ndarray, keep: np.ndarray
