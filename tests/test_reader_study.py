@@ -291,3 +291,15 @@ def test_the_same_code_runs_the_study_on_postgresql(sources, tmp_path, monkeypat
         doc = score_study(opened, 0.95)
         assert doc["turing"]["per_reader"]["pat"]["answered"] == 1
         opened.engine.dispose()
+
+
+def test_the_server_starts_without_the_training_stack():
+    """serve, add-reader and report load no torch/MONAI (seconds of start-up on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.cli, tasks.reader_study.web, tasks.reader_study.report; "
+            "print(sorted(m for m in ('torch', 'monai', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -60,14 +60,14 @@ class Server:
             [sys.executable, "-m", "flows.cli", "reader-study", "serve", "--params", str(PARAMS),
              "--output", str(self.study), "--port", str(self.port)],
             cwd=PARAMS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded 2-core CI machine
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stdout.read().decode()
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
             time.sleep(0.1)
-        raise AssertionError("the reader study server did not start within 60 s")
+        raise AssertionError("the reader study server did not start within 180 s")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flush; what was committed must survive."""

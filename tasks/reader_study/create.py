@@ -1,12 +1,7 @@
 """Draw a reader study: half released synthetic images, half de-identified real held-out images.
 
-The study folder is the study's own image store; the server reads pixels from it only, by case
-number, never from the pipeline's folders or by path::
-
-    study.json   the study's id, size and provenance (released set, model, audit, real splits)
-    images.npy   float16 (N, 2, rows, cols) in [0, 1]; row i is case i + 1
-    study.db     the SQLite database (cases with the hidden truth, readers, answers), unless a
-                 database URL is given
+The study folder (tasks/reader_study/layout.py) is the study's own image store; the server reads
+pixels from it only, by case number, never from the pipeline's folders or by path.
 
 Why the real images are resized to the synthetic set's size and matched by finding class: a
 reader must not be able to tell real from synthetic by resolution or by how often a finding
@@ -32,11 +27,9 @@ from tasks.artifacts.json_file import read_json_object
 from tasks.common.atomic import atomic_dir
 from tasks.config import Config, ReaderStudyConfig
 from tasks.reader_study.errors import ReaderStudyError
+from tasks.reader_study.layout import STUDY_DB, STUDY_IMAGES, STUDY_JSON
 from tasks.reader_study.store import Base, Case, StudyRow, open_engine, redact, transaction
 
-STUDY_JSON = "study.json"
-STUDY_IMAGES = "images.npy"
-STUDY_DB = "study.db"
 LABELS = ("perugini_grade", "metastasis")
 
 

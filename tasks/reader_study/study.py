@@ -11,8 +11,8 @@ from sqlalchemy import Engine, func, select
 
 from tasks.artifacts.json_file import read_json_object
 from tasks.config import ReaderStudyConfig
-from tasks.reader_study.create import STUDY_IMAGES, STUDY_JSON
 from tasks.reader_study.errors import ReaderStudyError
+from tasks.reader_study.layout import STUDY_IMAGES, STUDY_JSON
 from tasks.reader_study.store import Case, StudyRow, open_engine, read_study, redact, transaction
 
 
