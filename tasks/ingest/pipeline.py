@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -59,8 +60,21 @@ def _contains(outer: Path, inner: Path) -> bool:
 def list_files(source: Path, labels: Path | None = None) -> list[str]:
     """Every regular file below ``source`` (but the labels file), as sorted relative paths."""
     skip = labels.resolve() if labels is not None and labels.exists() else None
-    return sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
-                  if p.is_file() and (skip is None or p.resolve() != skip))
+    found: list[str] = []
+    # Directory entries answer is_file() mostly without a stat, and only a file named like the
+    # labels file is resolved: a nightly run lists the whole archive. Symlinked folders are
+    # not entered (as before); an unreadable folder raises OSError.
+    pending = [(Path(source), "")]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), f"{prefix}{entry.name}/"))
+                elif entry.is_file() and not (skip is not None and entry.name == skip.name
+                                              and Path(entry.path).resolve() == skip):
+                    found.append(prefix + entry.name)
+    return sorted(found)
 
 
 def prepare(cfg: IngestConfig) -> IngestPlan:
@@ -264,7 +278,8 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
                          plan.labels.optional_columns)
     internal, internal_source = _internal_site(plan, manifest["site"])
     manifest["split"] = assign_splits(manifest, internal, plan.cfg.split).astype(str).to_numpy()
-    images = np.stack([r.image for r in good if r.image is not None]).astype(np.float16)
+    images = np.stack([r.image for r in good if r.image is not None]).astype(np.float16,
+                                                                             copy=False)
     matched = {r.label_uid for r in ordered if r.label_uid}
     label_uids = set(plan.labels.rows) | set(plan.labels.problems)
     label = manifest["amyloid"].map({True: "amyloid", False: "no-amyloid"}) + "/" + manifest[
