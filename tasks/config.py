@@ -488,6 +488,27 @@ class AuditTstrConfig(_Strict, section="audit.tstr"):
     seed: int
 
 
+class AuditPromotionConfig(_Strict, section="audit.promotion"):
+    """The generator's gate: this audit against the audit of the registry's champion generator.
+
+    The new diffusion model becomes ``@champion`` and its synthetic set is released only when
+    no quality or privacy number is worse beyond its tolerance and the FID is lower by more
+    than ``margin`` (a share); otherwise it is ``@challenger`` and the champion's released set
+    is released again.
+    """
+
+    fid_tolerance: Annotated[float, Field(ge=0.0)] = Field(
+        description="The FID may rise by at most this share of the champion's.")
+    quality_tolerance: Fraction = Field(
+        description="Precision and recall may fall, and |two-sample AUC - 0.5| rise, by at "
+                    "most this.")
+    privacy_tolerance: Fraction = Field(
+        description="The withheld share and the median nearest-neighbour NCC may rise by at "
+                    "most this.")
+    margin: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        description="The FID must fall by more than this share of the champion's.")
+
+
 class AuditConfig(_Strict, section="audit"):
     """Quality and privacy audit of the synthetic set (stage audit)."""
 
@@ -508,6 +529,7 @@ class AuditConfig(_Strict, section="audit"):
                     "0 skips that test (features only).")
     tstr: AuditTstrConfig
     seed: int
+    promotion: AuditPromotionConfig
 
 
 TaskName = Literal["amyloidosis", "metastasis"]
@@ -764,6 +786,10 @@ class ExplainConfig(_Strict, section="explain"):
         description="DDIM steps of the inversion and of each regeneration.")
     guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = Field(
         description="Classifier-free guidance of both regenerations.")
+    heat: Literal["uptake", "absolute"] = Field(
+        description="uptake: the intensity the finding accounts for (own minus counterfactual "
+                    "where it is removed, the reverse where it is added; cold changes are 0); "
+                    "absolute: |own - counterfactual|.")
     positive_grade: Annotated[int, Field(ge=1, le=3)] = Field(
         description="Perugini grade asked for when amyloid is added to a negative scan.")
     mask_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = Field(

@@ -20,7 +20,14 @@ from tasks.config import load_config
 from tasks.explain.conditions import encode_pair, opposite
 from tasks.explain.counterfactual import counterfactuals, ddim_timesteps, make_sampler
 from tasks.explain.metrics import score, summarise
-from tasks.explain.run import ExplainError, evaluate, explain_rows, explain_study, open_inputs
+from tasks.explain.run import (
+    ExplainError,
+    evaluate,
+    explain_rows,
+    explain_study,
+    heat_map,
+    open_inputs,
+)
 from tests.conftest import PARAMS, diffusion_module
 
 ROWS, COLS = 32, 16  # processed size; the model works at half of it (area-resized)
@@ -53,6 +60,18 @@ def test_pointing_game_hit_and_miss_on_a_constructed_case() -> None:
     assert total["energy_fraction_mean"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match="empty"):
         score(heat, np.zeros_like(mask))
+
+
+def test_uptake_heat_keeps_what_the_finding_adds() -> None:
+    recon = np.zeros((2, 2, 2, 2), np.float32)
+    cf = np.zeros_like(recon)
+    recon[0, 0, 0, 0] = 0.5   # the finding, removed in the counterfactual
+    cf[0, 0, 1, 1] = 0.3      # brighter elsewhere once it is gone (not the finding)
+    cf[1, 1, 0, 0] = 0.4      # a finding added to a scan without it
+    heat = heat_map(recon, cf, [True, False], "uptake")
+    assert heat[0, 0, 0, 0] == pytest.approx(0.5) and heat[0, 0, 1, 1] == 0.0
+    assert heat[1, 1, 0, 0] == pytest.approx(0.4) and heat.min() >= 0.0
+    assert heat_map(recon, cf, [True, False], "absolute")[0, 0, 1, 1] == pytest.approx(0.3)
 
 
 def test_opposite_conditions() -> None:

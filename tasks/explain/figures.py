@@ -49,8 +49,9 @@ def study_figure(panels: Sequence[Panel], title: str) -> bytes:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=8)
-    fig.text(0.01, 0.005, "heat = |regenerated under own condition - regenerated under the "
-             "opposite one|; cyan: true finding (phantom)", fontsize=6)
+    fig.text(0.01, 0.005, "heat: how the scan regenerated under its own condition differs "
+             "from it regenerated under the opposite one; cyan: true finding (phantom)",
+             fontsize=6)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
@@ -82,7 +83,7 @@ def explain_html(report: dict[str, Any], examples: Sequence[tuple[str, Path, str
     rows = "\n".join(_task_row(task, t) for task, t in report["tasks"].items())
     settings = report["settings"]
     shown = ", ".join(f"{k} {html.escape(str(settings[k]))}" for k in (
-        "encode", "strength", "steps", "guidance_scale", "positive_grade", "mask_threshold",
+        "encode", "heat", "strength", "steps", "guidance_scale", "positive_grade", "mask_threshold",
         "tolerance", "smooth_sigma", "evaluate_splits"))
     figures = "\n".join(
         f"<figure><img alt='{html.escape(task)} heat map' src='data:image/png;base64,"

@@ -67,7 +67,7 @@ class Explained:
         images: the scans, (B, 2, rows, cols) in [0, 1].
         reconstruction: regenerated under their own condition.
         counterfactual: regenerated under the opposite condition.
-        heat: |reconstruction - counterfactual|.
+        heat: what changes with the condition (``heat_map``).
         masks: true finding coverage per pixel (B, 2, rows, cols), or None without masks.
     """
 
@@ -169,8 +169,25 @@ def explain_rows(inputs: Inputs, cfg: ExplainConfig, rows: list[int], task: Task
     reconstruction, counterfactual = np.concatenate(recon), np.concatenate(cf)
     return Explained(task=task, rows=list(rows), images=np.concatenate(scans),
                      reconstruction=reconstruction, counterfactual=counterfactual,
-                     heat=np.abs(reconstruction - counterfactual),
+                     heat=heat_map(reconstruction, counterfactual, [
+                         has_finding(inputs.manifest.iloc[r], task) for r in rows], cfg.heat),
                      masks=np.concatenate(covers) if covers else None)
+
+
+def heat_map(reconstruction: np.ndarray, counterfactual: np.ndarray, present: list[bool],
+             kind: str) -> np.ndarray:
+    """The heat maps of a batch: ``absolute`` difference, or the finding's ``uptake``.
+
+    Uptake is what the finding adds to the scan: own minus counterfactual where the
+    counterfactual removes it (``present``), counterfactual minus own where it adds it, and 0
+    where the change goes the other way (the brighter bone of a grade-3 scan regenerated at
+    grade 0 is not where the amyloid is).
+    """
+    diff = reconstruction - counterfactual
+    if kind == "absolute":
+        return np.abs(diff)
+    sign = np.where(np.asarray(present, bool), 1.0, -1.0).reshape(-1, 1, 1, 1)
+    return np.clip(sign * diff, 0.0, None).astype(np.float32)
 
 
 def finding_mask(cover: np.ndarray, threshold: float) -> np.ndarray:
