@@ -8,6 +8,7 @@ ingest's new camera is flagged by name in drift.json and in MLflow.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -186,10 +187,14 @@ def test_pipeline_summary_shows_decisions_and_the_drift_table(tmp_path: Path):
                    "judged": True, "flagged": True,
                    "flags": ["new camera at northgate: Philips Forte"]}],
         "flagged": ["northgate"]})
-    lines, drift, tags = loop_results(tmp_path, tmp_path / "drift.json")
-    assert lines == ["metastasis: challenger m v2: not better overall: pooled delta AUC -0.010"]
+    (tmp_path / "audit.json").write_text(json.dumps({"generator_gate": {
+        "decision": "promoted", "reason": "no champion yet", "name": "g", "version": "1"}}))
+    lines, drift, tags = loop_results(tmp_path, tmp_path / "drift.json", tmp_path / "audit.json")
+    assert lines == ["metastasis: challenger m v2: not better overall: pooled delta AUC -0.010",
+                     "generator: promoted g v1: no champion yet"]
     assert tags == {"synthdx.promotion.metastasis": "challenger: not better overall: pooled "
-                    "delta AUC -0.010", "synthdx.drift.flagged": "northgate"}
+                    "delta AUC -0.010", "synthdx.promotion.generator": "promoted: no champion yet",
+                    "synthdx.drift.flagged": "northgate"}
     summary = PipelineSummary(profile="tiny", stages=[StageOutcome("drift", "ran", 1.0, 1)],
                               promotion=lines, drift=drift)
     markdown = summary.markdown()

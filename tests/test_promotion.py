@@ -174,3 +174,75 @@ def test_validate_stage_reports_the_decision(world):
     run = mlflow.MlflowClient().get_run(summary.mlflow_run_id)
     assert run.data.tags["synthdx.promotion.metastasis"] == "promoted"
     assert json.loads(json.dumps(doc))["tasks"]["metastasis"]["champion"] is None
+
+
+# --- the generator's gate (on its audit) --------------------------------------------------------
+
+GEN = {"quality": {"fid": 10.0, "precision": 0.8, "recall": 0.7, "two_sample_auc": 0.6},
+       "privacy": {"median_ncc": 0.5}, "withheld_fraction": 0.05}
+
+
+def _worse(**changes: float) -> dict:
+    doc = json.loads(json.dumps(GEN))
+    for key, value in changes.items():
+        (doc if key == "withheld_fraction" else
+         doc["privacy"] if key == "median_ncc" else doc["quality"])[key] = value
+    return doc
+
+
+def test_generator_gate_rules():
+    from tasks.audit.gate import compare, gate_metrics
+    from tasks.config import AuditPromotionConfig
+
+    cfg = AuditPromotionConfig(fid_tolerance=0.1, quality_tolerance=0.05,
+                               privacy_tolerance=0.02, margin=0.0)
+    old = gate_metrics(GEN)
+    assert compare(gate_metrics(_worse(fid=9.0)), old, cfg)[0] == "promoted"
+    decision, reason, _ = compare(gate_metrics(_worse(fid=9.0, withheld_fraction=0.2)), old, cfg)
+    assert decision == "challenger" and "withheld_fraction 0.2 vs 0.05" in reason
+    decision, reason, _ = compare(gate_metrics(_worse(fid=9.0, two_sample_auc=0.3)), old, cfg)
+    assert decision == "challenger" and "two_sample_gap" in reason
+    decision, reason, _ = compare(gate_metrics(_worse(fid=10.5)), old, cfg)
+    assert decision == "challenger" and reason.startswith("not better overall: FID 10.5")
+
+
+def test_a_refused_generator_releases_the_champions_set(tmp_path: Path, mlflow_uri: str):
+    from tasks.audit.gate import fetch_champion_released, gate_generator, record_generator
+
+    cfg = load_config(PARAMS, [f"mlflow.tracking_uri={mlflow_uri}"])
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("synthdx")
+    client = mlflow.MlflowClient()
+    name = "synthdx-bone-scan-diffusion"
+    client.create_registered_model(name)
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            mlflow.log_text("w", "diffusion_model/w.txt")
+        versions.append(client.create_model_version(name, f"runs:/{run.info.run_id}/"
+                                                    "diffusion_model", run.info.run_id).version)
+    synthesis = {"model": {"registered_name": name, "registered_version": str(versions[0])}}
+    first = gate_generator(cfg, synthesis, GEN)
+    assert (first.decision, first.reason) == ("promoted", "no champion yet")
+    released = tmp_path / "released"
+    released.mkdir()
+    write_dataset(released, np.zeros((3, 2, 8, 4), np.float16),
+                  pd.DataFrame({"index": [0, 1, 2], "sample_id": ["a", "b", "c"]}))
+    with mlflow.start_run() as audit_run:
+        record_generator(cfg, first.as_dict(), audit_run.info.run_id, released)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["audit.fid"] == "10.0" and champion.tags["promotion"] == "promoted"
+
+    synthesis["model"]["registered_version"] = str(versions[1])
+    second = gate_generator(cfg, synthesis, _worse(fid=9.0, withheld_fraction=0.3))
+    assert second.decision == "challenger" and "withheld_fraction" in second.reason
+    assert second.champion_audit_run == audit_run.info.run_id
+    fetched = fetch_champion_released(cfg, second, tmp_path / "out" / "released")
+    assert fetched == tmp_path / "out" / "released"
+    assert pd.read_parquet(fetched / "manifest.parquet")["sample_id"].tolist() == ["a", "b", "c"]
+    with mlflow.start_run() as audit_run2:
+        record_generator(cfg, second.as_dict(), audit_run2.info.run_id, released)
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == str(versions[1])
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(versions[0])
+    tags = client.get_run(audit_run2.info.run_id).data.tags
+    assert tags["synthdx.generator_gate"] == "challenger"

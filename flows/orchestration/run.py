@@ -121,8 +121,9 @@ def _finish_parent(cfg: Config, root: Path, summary: PipelineSummary,
 
     mlflow.set_tags(lineage_tags(root, cfg.profile))
     summary.headline, summary.report = headline(root / cfg.validation.output)
-    summary.promotion, summary.drift, loop_tags = loop_results(root / cfg.validation.output,
-                                                               root / cfg.drift.output)
+    summary.promotion, summary.drift, loop_tags = loop_results(
+        root / cfg.validation.output, root / cfg.drift.output, root / cfg.audit.output /
+        "audit.json")
     if loop_tags:
         mlflow.set_tags(loop_tags)
     mlflow.set_tags({"synthdx.stages_ran": ",".join(summary.ran) or "none",

@@ -188,13 +188,15 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def loop_results(reports_dir: Path, drift_path: Path
+def loop_results(reports_dir: Path, drift_path: Path, audit_json: Path | None = None
                  ) -> tuple[list[str], dict[str, Any] | None, dict[str, str]]:
     """The nightly loop's results: promotion lines, the drift table, and their MLflow tags.
 
     Args:
         reports_dir: the validation output folder (promotion.json).
         drift_path: the drift stage's table (drift.output).
+        audit_json: the audit's audit.json, whose ``generator_gate`` is the diffusion model's
+            champion / challenger decision.
 
     Returns:
         ``(lines, drift, tags)``: one line per task's champion / challenger decision, the drift
@@ -210,6 +212,11 @@ def loop_results(reports_dir: Path, drift_path: Path
     tags = {tag_key(f"synthdx.promotion.{task}"): f"{entry.get('decision')}: "
             f"{entry.get('reason')}"[:4900]
             for task, entry in (promotion or {}).get("tasks", {}).items()}
+    gate = (load_report(audit_json) or {}).get("generator_gate") if audit_json else None
+    if isinstance(gate, dict) and gate.get("decision"):
+        where = f" {gate.get('name')} v{gate.get('version')}" if gate.get("version") else ""
+        lines.append(f"generator: {gate['decision']}{where}: {gate.get('reason')}")
+        tags["synthdx.promotion.generator"] = f"{gate['decision']}: {gate.get('reason')}"[:4900]
     drift = read_drift(drift_path)
     if drift is not None:
         tags["synthdx.drift.flagged"] = ",".join(drift.get("flagged", [])) or "none"

@@ -30,6 +30,7 @@ from tasks.artifacts.audit_output import (
     WITHHELD_CSV,
     write_encoder,
 )
+from tasks.artifacts.dataset import read_manifest, read_synthesis
 from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.audit.data import (
     CLASS_DEFINITIONS,
@@ -39,6 +40,7 @@ from tasks.audit.data import (
     open_synthetic,
 )
 from tasks.audit.encoder import embed, heldout_skill, pick_device, train_encoder
+from tasks.audit.gate import fetch_champion_released, gate_generator
 from tasks.audit.matching import ClassMatch, class_matched
 from tasks.audit.privacy import PrivacyCheck, check_privacy, summary
 from tasks.audit.quality import (
@@ -360,10 +362,18 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         "quality": quality,
         "privacy": privacy,
         "config": a.model_dump(mode="json"),
+        # The generator's champion / challenger decision (tasks/audit/gate.py): a refused
+        # generator's set is not released; the champion generator's is, again.
+        "generator_gate": (gate := gate_generator(cfg, read_synthesis(synthetic_root),
+                                                  metrics)).as_dict(),
     }
     output = Path(a.output)
     with atomic_dir(output) as tmp:
-        released = write_released(x.synthetic, ~check.withheld, tmp / RELEASED_DIR)
+        if gate.promote:
+            released = write_released(x.synthetic, ~check.withheld, tmp / RELEASED_DIR)
+        else:
+            released = len(read_manifest(fetch_champion_released(cfg, gate,
+                                                                 tmp / RELEASED_DIR)))
         table.to_csv(tmp / NEAREST_CSV, index=False)
         table[table["withheld"]].drop(columns="withheld").to_csv(tmp / WITHHELD_CSV,
                                                                  index=False)

@@ -7,8 +7,11 @@ that writes its outputs; this records what it found, called from the edge (the s
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
+from tasks.artifacts.audit_output import AUDIT_JSON, released_dir
+from tasks.audit.gate import record_generator
 from tasks.audit.pipeline import AuditResult
 from tasks.common.flatten import metric_values
 from tasks.common.tracking import log_params, stage_run
@@ -36,4 +39,7 @@ def log_audit(cfg: Config, result: AuditResult) -> AuditResult:
         mlflow.log_metrics({f"seconds/{k}": v for k, v in t.timings.items()})
         for path in t.artifacts:
             mlflow.log_artifact(str(path))
+        gate = json.loads((result.output / AUDIT_JSON).read_text()).get("generator_gate")
+        if gate:  # the generator's alias and tags; a promoted one's released set is kept
+            record_generator(cfg, gate, run.info.run_id, released_dir(result.output))
     return replace(result, mlflow_run_id=run.info.run_id)
