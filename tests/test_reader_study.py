@@ -8,6 +8,7 @@ output folder, smoothed the way a generator's images are). The browser tests
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import socket
@@ -44,7 +45,9 @@ def render(count: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
     cfg = load_config(PARAMS, [f"phantom.patients={count + 8}", f"phantom.rows={SIZE[0]}",
                                f"phantom.cols={SIZE[1]}", f"phantom.seed={seed}"])
     sites = {s.name: s for s in cfg.phantom.sites}
-    specs = sample_studies(cfg.phantom)[:count]
+    # Every grade and both metastasis labels, so the scoring is tested on real variety.
+    specs = [dataclasses.replace(s, perugini_grade=i % 4, metastasis=i % 3 == 0, superscan=False)
+             for i, s in enumerate(sample_studies(cfg.phantom)[:count])]
     images = np.stack([render_study(s, sites[s.site], *SIZE)[0] for s in specs])
     images = images.astype(np.float32)
     images /= np.percentile(images, 99.5, axis=(1, 2, 3), keepdims=True) * 1.4

@@ -152,9 +152,9 @@ def alice_says(case: Case) -> tuple[str, int, bool, int]:
 
 
 def bob_says(case: Case) -> tuple[str, int, bool, int]:
-    """Bob is right on the origin of even-numbered cases only, and reads the findings right."""
+    """Bob is wrong on the origin of every third case only, and reads the findings right."""
     wrong = {"real": "synthetic", "synthetic": "real"}
-    origin = case.origin if case.case_id % 2 == 0 else wrong[case.origin]
+    origin = wrong[case.origin] if case.case_id % 3 == 0 else case.origin
     return origin, case.perugini_grade, case.metastasis, 4
 
 
@@ -237,12 +237,20 @@ def test_two_readers_answer_stop_resume_and_the_report_matches(server, browser, 
     share = np.mean([said[n][i][0] == "real" for n in said for i in origin])
     chance = share ** 2 + (1 - share) ** 2
     assert doc["turing"]["fleiss_kappa"]["kappa"] == pytest.approx((agree - chance) / (1 - chance))
-    # Bob read every finding right; Alice's grade is right where the truth is grade 0.
+    # Bob read every finding right; Alice (grade 0, no metastasis) is right where that is true.
     for kind in ("real", "synthetic"):
-        assert doc["diagnosis"]["per_reader"]["bob"][kind]["perugini_grade"]["accuracy"] == 1.0
-        alice_grade = [origin[i].perugini_grade == 0 for i in origin if origin[i].origin == kind]
-        assert doc["diagnosis"]["per_reader"]["alice"][kind]["perugini_grade"]["accuracy"] \
-            == pytest.approx(np.mean(alice_grade))
+        bob = doc["diagnosis"]["per_reader"]["bob"][kind]
+        assert bob["perugini_grade"]["accuracy"] == bob["metastasis"]["accuracy"] == 1.0
+        alice = doc["diagnosis"]["per_reader"]["alice"][kind]
+        mine = [c for c in origin.values() if c.origin == kind]
+        assert alice["perugini_grade"]["accuracy"] == pytest.approx(
+            np.mean([c.perugini_grade == 0 for c in mine]))
+        assert alice["metastasis"]["accuracy"] == pytest.approx(
+            np.mean([not c.metastasis for c in mine]))
+        pooled_grade = doc["diagnosis"]["pooled"][kind]["perugini_grade"]
+        assert pooled_grade["n"] == 8
+        assert pooled_grade["correct"] == 4 + sum(c.perugini_grade == 0 for c in mine)
+    assert 0 < np.mean(right["bob"]) < 1  # the two readers' numbers differ
     assert "Fleiss" in base.with_suffix(".html").read_text()
     run = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list",
                              filter_string="tags.`synthdx.stage` = 'reader_study'")[0]
