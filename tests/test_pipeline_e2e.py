@@ -29,7 +29,7 @@ SYNTHDX = str(BIN / "synthdx")
 TASKS = ["metastasis"]
 REGIMES = ["real", "real+synthetic"]
 CLASSIFIER_STAGES = {f"train_classifier@{t}-{r}" for t in TASKS for r in REGIMES}
-UPSTREAM = ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
+UPSTREAM = ["phantom", "ingest", "drift", "train_diffusion", "synthesize", "audit"]
 ALL_STAGES = {*UPSTREAM, *CLASSIFIER_STAGES, "validate"}
 
 

@@ -19,13 +19,16 @@ def stages():
 
 def test_stages_follow_dvc_yaml_in_dependency_order(stages):
     names = [s.name for s in stages]
-    assert names[:5] == ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
+    assert names[:6] == ["phantom", "ingest", "drift", "train_diffusion", "synthesize",
+                         "audit"]
     assert names[-1] == "validate"
     classifiers = [n for n in names if n.startswith("train_classifier@")]
-    assert len(classifiers) == 10 and names[5:15] == classifiers
+    assert len(classifiers) == 10 and names[6:16] == classifiers
     by_name = {s.name: s for s in stages}
     assert by_name["ingest"].upstream == ("phantom",)
-    assert set(by_name["validate"].upstream) == set(classifiers)
+    # validate re-scores the champion on today's images and hands it the audit's encoder
+    assert set(by_name["validate"].upstream) == {*classifiers, "ingest", "audit"}
+    assert by_name["drift"].upstream == ("ingest",)
 
 
 def test_from_and_only_select_stages_and_groups(stages):

@@ -47,9 +47,9 @@ DVC = str(BIN / "dvc")
 TASK = "metastasis"
 REGIMES = ["real", "real+synthetic"]
 CLASSIFIER_STAGES = {f"train_classifier@{TASK}-{r}" for r in REGIMES}
-UPSTREAM = ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
+UPSTREAM = ["phantom", "ingest", "drift", "train_diffusion", "synthesize", "audit"]
 ALL_STAGES = {*UPSTREAM, *CLASSIFIER_STAGES, "validate"}
-STAGE_FLOWS = {"phantom", "ingest", "train_diffusion", "synthesize", "audit",
+STAGE_FLOWS = {"phantom", "ingest", "drift", "train_diffusion", "synthesize", "audit",
                "train_classifier", "validate"}
 DIFFUSION_MODEL = "synthdx-bone-scan-diffusion"
 CHAMPION_MODEL = f"synthdx-classifier-{TASK}"
