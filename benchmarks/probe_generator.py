@@ -91,11 +91,35 @@ class Snapshots(L.Callback):
         print(f"snapshot {step} at {seconds:.0f} s", flush=True)
 
 
-def train(cfg: Config, out: Path, snapshots: set[int], init: Path | None = None) -> None:
+class OversampledData(DiffusionDataModule):
+    """The stage's data module with the metastatic training images repeated ``copies`` times.
+
+    An experiment, not a stage setting (yet): does the generator render focal lesions better
+    when they make up half the batches instead of a fifth?
+    """
+
+    def __init__(self, *args: Any, copies: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.copies = copies
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the splits, then append the metastatic images' copies to the training set."""
+        super().setup(stage)
+        assert self.train_set is not None
+        rows = read_manifest(self.root)
+        rows = rows[rows["split"] == self.train_split].sort_values("index")  # dataset order
+        positive = np.flatnonzero(rows["metastasis"].to_numpy(dtype=bool))
+        extra = [torch.utils.data.Subset(self.train_set, positive.tolist())] * self.copies
+        self.train_set = torch.utils.data.ConcatDataset([self.train_set, *extra])
+
+
+def train(cfg: Config, out: Path, snapshots: set[int], init: Path | None = None,
+          oversample_metastasis: int = 0) -> None:
     """Train as the stage does and save EMA snapshots (see module docstring).
 
     ``init``: continue from a snapshot's EMA weights (fresh optimiser, re-warmed); its step and
     seconds are added to the new ones, and the snapshot files say so.
+    ``oversample_metastasis``: extra copies of each metastatic training image (0: none).
     """
     d = cfg.diffusion
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +127,12 @@ def train(cfg: Config, out: Path, snapshots: set[int], init: Path | None = None)
     L.seed_everything(d.seed, workers=True)
     processed = Path(cfg.ingest.output)
     spec = ConditionSpec.from_manifest(read_manifest(processed), d.conditions)
-    data = DiffusionDataModule(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
-                               d.num_workers, d.augment)
+    if oversample_metastasis:
+        data = OversampledData(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
+                               d.num_workers, d.augment, copies=oversample_metastasis)
+    else:
+        data = DiffusionDataModule(processed, spec, (d.image_rows, d.image_cols), d.batch_size,
+                                   d.num_workers, d.augment)
     module = build_module(d, spec)
     offset = (0, 0.0)
     if init is not None:
@@ -310,6 +338,8 @@ def main() -> None:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--snapshots", default="500,1000,2000")
     t.add_argument("--init", type=Path, default=None)
+    t.add_argument("--oversample-metastasis", type=int, default=0,
+                   help="extra copies of each metastatic training image")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--images", type=int, default=300)
     e.add_argument("--steps", type=int, default=50)
@@ -323,7 +353,8 @@ def main() -> None:
                  args.steps, args.task, args.per_class, args.eta, args.grain_only)
     elif args.command == "train":
         cfg = load_config(args.params, args.overrides)
-        train(cfg, args.out, {int(s) for s in args.snapshots.split(",")}, args.init)
+        train(cfg, args.out, {int(s) for s in args.snapshots.split(",")}, args.init,
+              args.oversample_metastasis)
     else:
         saved = json.loads((args.run / "config.json").read_text())
         overrides = [f"diffusion.image_rows={saved['diffusion']['image_rows']}",
