@@ -2,9 +2,10 @@
 
 The server is the real command (``synthdx reader-study serve``) in its own process, on a study
 drawn from the phantom-rendered datasets of tests/test_reader_study.py. Two readers log in and
-answer; one stops half-way, the server is killed, and after a restart they resume where they
-were; the report's numbers must be the ones their answers give. Each security refusal is a test
-of its own. The browser is the system's (/usr/bin/chromium): nothing is downloaded.
+answer; the server is killed (SIGKILL) under one of them and restarted, and he goes on where he
+was; he stops for now and resumes after logging in again; the report's numbers must be the ones
+their answers give. Each security refusal is a test of its own. The browser is the system's
+(/usr/bin/chromium): nothing is downloaded.
 
 SYNTHDX_SCREENSHOT=path writes the reader view's screenshot there too (docs/reader_study.png).
 """
@@ -183,25 +184,33 @@ def test_two_readers_answer_stop_resume_and_the_report_matches(server, browser, 
     page.wait_for_selector("#done")
     context.close()
 
-    # Bob answers three cases, stops; the server is killed and restarted; Bob resumes.
+    # Bob answers three cases; the server is killed (SIGKILL: no shutdown) and restarted; his
+    # answers and his login survive and he goes on at case 4.
     bob_cases = truth(engine, "bob")
     context, page = log_in(browser, server, "bob")
-    for case in bob_cases[:3]:
+    for k, case in enumerate(bob_cases[:3], start=1):
         answer(page, *bob_says(case))
-        page.wait_for_load_state()
+        page.wait_for_url(f"**/case/{k + 1}")
+    server.kill()
+    server.start()
+    page.goto("/study")
+    page.wait_for_url("**/case/4")
+    assert page.inner_text("#progress") == f"3 of {len(bob_cases)} answered"
+    answer(page, *bob_says(bob_cases[3]))
+    page.wait_for_url("**/case/5")
+    # He stops for now, logs in again later and resumes at case 5.
     page.click("#stop")
     page.wait_for_url("**/login?stopped=1")
     assert "Your answers are saved" in page.inner_text("#note")
-    server.kill()
-    server.start()
     page.fill("#name", "bob")
     page.fill("#password", PASSWORDS["bob"])
     page.click("#login")
-    page.wait_for_url("**/case/4")
-    assert page.inner_text("#progress") == f"3 of {len(bob_cases)} answered"
-    for case in bob_cases[3:]:
+    page.wait_for_url("**/case/5")
+    assert page.inner_text("#progress") == f"4 of {len(bob_cases)} answered"
+    for k, case in enumerate(bob_cases[4:], start=5):
         answer(page, *bob_says(case))
-        page.wait_for_load_state()
+        if k < len(bob_cases):
+            page.wait_for_url(f"**/case/{k + 1}")
     page.wait_for_selector("#done")
     context.close()
 
