@@ -7,6 +7,8 @@ identifies a patient (not even the pseudonym).
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pandas as pd
 
 GAP = 2  # pixels between the anterior and posterior view of one image
 PAD = 10  # pixels between images
+CACHE_PREFIX = "montage-"
 
 
 def _pick(rows: pd.DataFrame, per_site: int) -> list[int]:
@@ -33,9 +36,19 @@ def _label(value: object, fmt: str) -> str:
     return "?" if value is None or pd.isna(value) else fmt.format(int(value))
 
 
+def _digest(canvas: np.ndarray, captions: list[tuple[float, float, str]], title: str) -> str:
+    """What the drawing depends on: the composed pixels, captions, title and matplotlib."""
+    import matplotlib
+
+    h = hashlib.sha256(canvas.tobytes())
+    h.update(repr((canvas.shape, captions, title, matplotlib.__version__)).encode())
+    return h.hexdigest()[:32]
+
+
 def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
                   per_site: int = 6, by: str = "site",
-                  title: str = "processed images per site (anterior | posterior)") -> None:
+                  title: str = "processed images per site (anterior | posterior)",
+                  cache: Path | None = None) -> None:
     """Write a PNG grid: one row per site, anterior | posterior side by side per image.
 
     The grid is composed as one array and drawn once (one axes, text captions), which is
@@ -49,12 +62,11 @@ def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
         per_site: images shown per site.
         by: the manifest column that makes the rows (``site``; ``group`` for synthetic sets).
         title: the figure title.
+        cache: a folder that keeps the last PNG drawn, named by what it shows; when the
+            same picture is asked for again it is copied instead of drawn. Why: drawing and
+            PNG-encoding is half of an incremental ingest whose new files do not change the
+            images shown (same bytes either way).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sites = list(dict.fromkeys(manifest[by])) if by != "site" else sorted(manifest[by].unique())
     ncols = max(1, min(per_site, int(manifest.groupby(by, sort=False).size().max())))
     rows_px, cols_px = images.shape[2], images.shape[3]
@@ -73,6 +85,28 @@ def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
                              (f"{site} ({row['split']}) " if by == "site" else "")
                              + f"{_label(row['perugini_grade'], 'P{}')} "
                              f"met {_label(row['metastasis'], '{}')}"))
+    cached = cache / f"{CACHE_PREFIX}{_digest(canvas, captions, title)}.png" if cache else None
+    if cached is not None and cached.is_file():
+        shutil.copyfile(cached, path)
+        return
+    _draw(canvas, captions, title, path)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for old in cached.parent.glob(f"{CACHE_PREFIX}*.png"):
+            old.unlink(missing_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(cached)
+
+
+def _draw(canvas: np.ndarray, captions: list[tuple[float, float, str]], title: str,
+          path: Path) -> None:
+    """Draw the composed grid with its captions and title into ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     scale = 1.0 / 80  # inches per pixel at 80 dpi: one image pixel per screen pixel
     fig = plt.figure(figsize=(max(canvas.shape[1] * scale, 4), canvas.shape[0] * scale + 0.3),
                      dpi=80)

@@ -31,6 +31,7 @@ from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.common.montage import write_montage
 from tasks.common.stage_metrics import stage_metrics_path
 from tasks.config import Config, IngestConfig
+from tasks.ingest.cache import cache_folder
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.errors import IngestError
 from tasks.ingest.pseudonym import Pseudonymizer
@@ -92,7 +93,8 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         with (tmp / "headers.jsonl").open("w", encoding="utf-8") as fh:
             for header in assembled.headers:
                 fh.write(header + "\n")
-        write_montage(assembled.images, assembled.manifest, tmp / "montage.png")
+        write_montage(assembled.images, assembled.manifest, tmp / "montage.png",
+                      cache=cache_folder(cfg) if cfg.incremental else None)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     manifest = assembled.manifest
     return IngestResult(
