@@ -48,7 +48,7 @@ def study_figure(panels: Sequence[Panel], title: str) -> bytes:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(title, fontsize=8, y=1.0 + 0.05 / len(panels))
     fig.text(0.01, 0.005, "heat: how the scan regenerated under its own condition differs "
              "from it regenerated under the opposite one; cyan: true finding (phantom)",
              fontsize=6)
