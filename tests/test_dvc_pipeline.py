@@ -24,8 +24,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
 
 def test_dvc_yaml_declares_phantom_and_ingest():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert spec["phantom"]["outs"] == ["data/raw"]
-    assert "data/raw" in spec["ingest"]["deps"]
+    assert spec["phantom"]["outs"] == ["data/raw", "data/truth"]  # truth: the finding masks
+    assert {"data/raw", "data/truth"} <= set(spec["ingest"]["deps"])
     assert spec["ingest"]["outs"] == ["data/processed"]
     assert spec["ingest"]["params"] == ["profile", "ingest"]
     order = ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
