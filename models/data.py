@@ -15,6 +15,7 @@ way, as a run that was never interrupted.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -293,6 +294,14 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_set = ProcessedImages(self.root, self.train_split, self.spec, self.size,
                                          transform)
         if self.val_split is not None:
+            manifest = read_manifest(self.root)
+            if not (manifest["split"] == self.val_split).any():
+                # A small internal site can leave the (hash-drawn) validation split empty:
+                # the validation loss is a diagnostic only, so train without it.
+                warnings.warn(f"{self.root}: split {self.val_split!r} has no images; "
+                              "training without a validation loss", stacklevel=2)
+                self.val_split = None
+                return
             self.val_set = ProcessedImages(self.root, self.val_split, self.spec, self.size)
 
     def train_dataloader(self) -> ResumableDataLoader:

@@ -419,3 +419,18 @@ def test_training_survives_the_server_going_away_mid_run(running, tmp_path, one_
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == [
         "samples/samples_final.png"]
     assert summary.registered_model is not None  # registered once the server was back
+
+
+def test_a_response_cut_half_way_is_named_a_lost_connection():
+    """A server killed while it answers: requests wraps urllib3's IncompleteRead."""
+    import http.client
+
+    import requests
+    import urllib3
+
+    from tasks.common.tracking import describe_failure
+
+    cut = requests.exceptions.ChunkedEncodingError(urllib3.exceptions.ProtocolError(
+        "Connection broken", http.client.IncompleteRead(b"", 2)))
+    assert describe_failure(cut) == "connection lost"
+    assert describe_failure(http.client.IncompleteRead(b"", 2)) == "connection lost"

@@ -164,3 +164,14 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert state["global_step"] == 4
     module = load_model(tmp_path / "model")
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_an_empty_validation_split_trains_without_validation_loss(tmp_path, mlflow_uri):
+    """A small internal site can draw no validation patient (hash splits): train anyway."""
+    data = _make_dataset(tmp_path / "processed")
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    manifest["split"] = manifest["split"].replace({"val": "train"})
+    manifest.to_parquet(data / "manifest.parquet")
+    with pytest.warns(UserWarning, match="split 'val' has no images"):
+        result = train_diffusion(_cfg(tmp_path, 3), processed=data)
+    assert result.global_step == 3 and (tmp_path / "model" / MODEL_NAME).is_file()

@@ -206,6 +206,7 @@ def test_champion_pyfunc_returns_probability_uncertainty_and_abstain(
     artifacts = {"weights": str(champion / "model.pt"), "info": str(champion / "model.json"),
                  **champion_artifacts(cfg, {"task": "metastasis", "regime": "real", "seed": 0})}
     mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("synthdx")  # not an experiment id left active by an earlier test
     with mlflow.start_run():
         logged = mlflow.pyfunc.log_model(
             name="classifier", python_model=str(PYFUNC_FILE), artifacts=artifacts,

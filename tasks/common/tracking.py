@@ -76,6 +76,7 @@ def describe_failure(exc: BaseException, timeout: float | None = None) -> str:
 
     ``timeout`` is the request's timeout, for the message (None: not known).
     """
+    import http.client
     import re
     import socket
 
@@ -87,8 +88,9 @@ def describe_failure(exc: BaseException, timeout: float | None = None) -> str:
             return f"TLS error: {ssl.group(0).strip() if ssl else 'handshake failed'}"
         if isinstance(item, ConnectionRefusedError):
             return "connection refused"
-        if isinstance(item, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
-            return "connection lost"
+        if isinstance(item, ConnectionResetError | ConnectionAbortedError | BrokenPipeError
+                      | http.client.IncompleteRead | requests.exceptions.ChunkedEncodingError):
+            return "connection lost"  # IncompleteRead: the server died half-way through
         if isinstance(item, socket.gaierror) or "NameResolution" in type(item).__name__:
             return "host not found"
         if isinstance(item, requests.exceptions.Timeout | TimeoutError):
