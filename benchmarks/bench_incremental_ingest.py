@@ -25,27 +25,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_KEY = "benchmark-key-not-secret-0123456789"
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _build(workdir: Path, patients: int) -> Path:
@@ -166,7 +154,7 @@ def main() -> None:
         if digests["incremental"] != digests["full"]:
             raise SystemExit(f"outputs differ: {digests}")
     ratio = best["full"] / best["incremental"]
-    print(f"\n{dt.date.today()}  {_machine()}")
+    print(f"\n{dt.date.today()}  {machine_line()}")
     print(f"archive: {len(files)} files ({args.patients} patients, 512 x 128), "
           f"+{len(held)} new files ({len(held) / len(files):.1%})")
     print(f"| run | seconds (best of {args.repeat}) |")

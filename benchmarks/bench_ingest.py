@@ -24,27 +24,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shutil
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+from machine import machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_KEY = "benchmark-key-not-secret-0123456789"
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _build(workdir: Path, patients: int) -> tuple[Path, Path]:
@@ -199,7 +188,7 @@ def main() -> None:
     command = "python benchmarks/bench_ingest.py" + (
         f" --source {args.source}" if args.source else f" --patients {args.patients}")
     print("\nRESULTS.md line:")
-    print(f"| {dt.date.today().isoformat()} | ingest | {_machine()} | `{command}` | {n} files "
+    print(f"| {dt.date.today().isoformat()} | ingest | {machine_line()} | `{command}` | {n} files "
           f"| plain {rate['plain']:.0f} files/s | 1 worker {rate[1]:.0f} files/s "
           f"({ratio_1:.2f} x plain) | 2 workers {rate[2]:.0f} files/s ({scale_2:.2f} x) "
           f"| end to end {n / end_to_end:.0f} files/s | plain loop on 2 processes "
