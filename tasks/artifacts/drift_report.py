@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tasks.artifacts.json_file import read_json_object
 from tasks.common.atomic import atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -39,10 +40,10 @@ def write_drift(path: Path, doc: dict[str, Any]) -> None:
 def read_drift(path: Path) -> dict[str, Any] | None:
     """The last drift table, or None (the stage has not run, or the file is unreadable)."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_json_object(path)
+    except ValueError:  # missing, unreadable, not JSON or not an object
         return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("sites"), list) else None
+    return doc if isinstance(doc.get("sites"), list) else None
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tasks.artifacts.json_file import read_json_object
 from tasks.common.atomic import atomic_write_text
 
 PROMOTION_JSON = "promotion.json"
@@ -51,10 +52,10 @@ def write_promotion(path: Path, settings: dict[str, Any], tasks: dict[str, dict[
 def read_promotion(path: Path) -> dict[str, Any] | None:
     """The decisions of the last validation, or None (validate has not run, or unreadable)."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_json_object(path)
+    except ValueError:  # missing, unreadable, not JSON or not an object
         return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("tasks"), dict) else None
+    return doc if isinstance(doc.get("tasks"), dict) else None
 
 
 def promotion_lines(doc: dict[str, Any]) -> list[str]:
