@@ -1,9 +1,11 @@
 """Incremental ingest against a full ingest, on an archive that grew by 1 %.
 
 A nightly archive grows by a few percent. This measures, on a phantom archive of a few
-thousand files (the study profile's 512 x 128 matrix and five sites with their transfer
-syntaxes), the stage's whole work without MLflow or Prefect (``run_ingest``: list, hash,
-read, validate, decode, de-identify, normalise, split, write the dataset and the cache):
+thousand files (by default a real whole-body scan's 1024 x 256 matrix per view, as the demo
+phantom and a hospital's cameras write them; ``--matrix 512x128`` is the study profile's
+quarter-pixel shortcut; five sites with their transfer syntaxes), the stage's whole work
+without MLflow or Prefect (``run_ingest``: list, hash, read, validate, decode, de-identify,
+normalise, split, write the dataset and the cache):
 
   1. night 1: ingest of the archive without 1 % of its files (fills the cache; not timed);
   2. incremental: the held-back files return; ingest with the project's cache (timed);
@@ -12,6 +14,7 @@ The two outputs must have the same DVC hash (every byte equal). Target: incremen
 faster than full. Rounds alternate (the machine drifts) and the best of --repeat is kept.
 
     python benchmarks/bench_incremental_ingest.py                  # 2000 patients, ~2200 files
+    python benchmarks/bench_incremental_ingest.py --matrix 512x128 # the study profile's matrix
     python benchmarks/bench_incremental_ingest.py --patients 7800  # the study profile's size
     python benchmarks/bench_incremental_ingest.py --split-counts demo study
 
@@ -36,16 +39,16 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH_KEY = "benchmark-key-not-secret-0123456789"
 
 
-def _build(workdir: Path, patients: int) -> Path:
-    """Generate (or reuse) a phantom archive at the study profile's matrix."""
+def _build(workdir: Path, patients: int, rows: int, cols: int) -> Path:
+    """Generate (or reuse) a phantom archive at the given matrix."""
     from tasks.config import load_config
     from tasks.phantom.generate import generate_phantom
 
-    raw = workdir / f"phantom-{patients}-512x128"
+    raw = workdir / f"phantom-{patients}-{rows}x{cols}"
     if not (raw / "PHANTOM.json").exists():
         cfg = load_config(REPO / "params.yaml", [f"phantom.output={raw}",
                                                  f"phantom.patients={patients}",
-                                                 "phantom.rows=512", "phantom.cols=128"])
+                                                 f"phantom.rows={rows}", f"phantom.cols={cols}"])
         print(f"building a {patients}-patient phantom in {raw} ...", flush=True)
         generate_phantom(cfg.phantom)
     return raw
@@ -101,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=2000)
     parser.add_argument("--new-fraction", type=float, default=0.01)
+    parser.add_argument("--matrix", default="1024x256",
+                        help="rows x cols of each view in the archive's DICOM files")
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path,
@@ -117,7 +122,8 @@ def main() -> None:
     from tasks.ingest.pipeline import list_files, run_ingest
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    raw = _build(args.workdir, args.patients)
+    rows, cols = (int(v) for v in args.matrix.lower().split("x"))
+    raw = _build(args.workdir, args.patients, rows, cols)
     source, labels = raw / "dicom", raw / "labels.csv"
     key = args.workdir / "bench.key"
     key.write_text(BENCH_KEY)
@@ -155,7 +161,7 @@ def main() -> None:
             raise SystemExit(f"outputs differ: {digests}")
     ratio = best["full"] / best["incremental"]
     print(f"\n{dt.date.today()}  {machine_line()}")
-    print(f"archive: {len(files)} files ({args.patients} patients, 512 x 128), "
+    print(f"archive: {len(files)} files ({args.patients} patients, {rows} x {cols}), "
           f"+{len(held)} new files ({len(held) / len(files):.1%})")
     print(f"| run | seconds (best of {args.repeat}) |")
     print("|---|---|")

@@ -275,6 +275,10 @@ class IngestConfig(_Strict, section="ingest"):
     cache: Path | None = Field(
         description="Per-file result cache (incremental ingest); null: cache/ingest beside "
                     "the output folder (data/cache/ingest).")
+    pool_min_files: Annotated[int, Field(ge=0)] = Field(
+        description="A run with an earlier run's cache and at most this many new or changed "
+                    "files processes them in its own process: starting worker processes would "
+                    "cost more (0: always worker processes).")
     max_removed_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         description="Refuse a run whose archive lost more than this share of the files the "
                     "last run ingested (an accidental deletion, a half-mounted share).")

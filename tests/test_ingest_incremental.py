@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.config import IngestConfig, SplitConfig
-from tasks.ingest.cache import INDEX_NAME, cache_folder
+from tasks.ingest.cache import INDEX_NAME, JOURNAL_NAME, cache_folder
 from tasks.ingest.errors import IngestError
 from tasks.ingest.pipeline import run_ingest
 from tasks.ingest.split import assign_splits
@@ -162,3 +163,47 @@ def test_split_is_a_pure_function_of_patient_and_stable_as_data_grows() -> None:
     assert abs(share["test"] - 0.2) < 0.03 and abs(share["val"] - 0.15) < 0.03
     other = assign_splits(grown, "a", SplitConfig(val_fraction=0.15, test_fraction=0.2, seed=18))
     assert (other != second).mean() > 0.3  # the seed (like the key) reshuffles
+
+
+def test_few_new_files_run_here_with_a_journal_and_a_dead_run_falls_back_to_a_pool(
+        night: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.ingest.pipeline as pipeline
+
+    cfg = night["config"](night["root"] / "journal")
+    journal = cache_folder(cfg) / JOURNAL_NAME
+    newcomer = night["archive"] / sorted(night["archive"].rglob("*.dcm"))[-1].relative_to(
+        night["archive"])
+    aside = night["root"] / "aside.dcm"
+    shutil.move(newcomer, aside)
+    first = run_ingest(cfg)  # no cache yet: worker processes, as any full ingest
+    shutil.move(aside, newcomer)
+    calls: dict[str, list[int]] = {"here": [], "pool": []}
+    run_here, run_pool = pipeline.run_here, pipeline.run_pool
+
+    def here(relpaths: list[str], *args: object, **kwargs: object) -> dict:
+        assert journal.is_file()  # written before the first file is touched
+        calls["here"].append(len(relpaths))
+        return run_here(relpaths, *args, **kwargs)
+
+    def pool(relpaths: list[str], *args: object, **kwargs: object) -> dict:
+        calls["pool"].append(len(relpaths))
+        return run_pool(relpaths, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_here", here)
+    monkeypatch.setattr(pipeline, "run_pool", pool)
+    grown = run_ingest(cfg)  # one new file: processed here, no pool started
+    assert calls == {"here": [1], "pool": []} and not journal.exists()
+    assert grown.ingested == first.ingested + 1
+    assert grown.digest == dvc_dir_hash(_full(night, "full-journal"))
+
+    shutil.move(newcomer, aside)
+    run_ingest(cfg)  # the file goes again (nothing to process)
+    shutil.move(aside, newcomer)
+    journal.write_text('{"version": 1, "files": ["x"]}')  # as a run that died here leaves it
+    calls = {"here": [], "pool": []}
+    again = run_ingest(cfg)
+    assert calls == {"here": [], "pool": [1]} and not journal.exists()
+    assert again.digest == grown.digest
+
+    with pytest.raises(ValidationError, match="pool_min_files"):  # a bad value is named
+        night["config"](night["root"] / "x", pool_min_files=-1)

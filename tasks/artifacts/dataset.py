@@ -16,7 +16,10 @@ here, so there is one definition and stages take them from this module.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +50,51 @@ def has_dataset(root: Path) -> bool:
     return (root / IMAGES_FILE).is_file() and (root / MANIFEST_FILE).is_file()
 
 
-def write_dataset(folder: Path, images: np.ndarray, manifest: pd.DataFrame) -> None:
+def _npy_header(array: np.ndarray) -> bytes:
+    """The header ``np.save`` writes before the array's bytes (format 1.0, else 2.0)."""
+    info = np.lib.format.header_data_from_array_1_0(array)
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, info)
+    except ValueError:  # a header too long for format 1.0
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, info)
+    return buf.getvalue()
+
+
+def write_dataset(folder: Path, images: np.ndarray, manifest: pd.DataFrame) -> str | None:
     """Write images.npy and manifest.parquet into ``folder`` (callers make it atomic).
 
     Args:
         folder: an existing (temporary) folder.
         images: (N, 2, rows, cols) array; stored as given (no pickle).
         manifest: one row per image, ``index`` pointing into ``images``.
+
+    Returns:
+        The MD5 of images.npy (DVC's file hash), or None when it was not computed. Why here:
+        the images are most of a dataset's bytes, and hashing them from memory while they
+        are written (each in its own thread: neither holds the GIL) spares reading them
+        back for the DVC hash of the folder.
     """
-    np.save(Path(folder) / IMAGES_FILE, images, allow_pickle=False)
+    path = Path(folder) / IMAGES_FILE
+    digest = None
+    if images.flags.c_contiguous and images.dtype.hasobject is False:
+        header = _npy_header(images)
+        md5 = hashlib.md5(header, usedforsecurity=False)
+        hasher = threading.Thread(target=md5.update, args=(memoryview(images).cast("B"),))
+        hasher.start()
+        try:
+            np.save(path, images, allow_pickle=False)
+        finally:
+            hasher.join()
+        with path.open("rb") as fh:  # the header np.save wrote must be the one hashed
+            if (fh.read(len(header)) == header
+                    and path.stat().st_size == len(header) + images.nbytes):
+                digest = md5.hexdigest()
+    else:
+        np.save(path, images, allow_pickle=False)
     manifest.to_parquet(Path(folder) / MANIFEST_FILE, index=False)
+    return digest
 
 
 def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -24,13 +25,21 @@ def file_md5(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def dvc_dir_hash(root: Path) -> str:
-    """Return "<md5>.dir" for the directory ``root`` (all files below it, recursively)."""
+def dvc_dir_hash(root: Path, known: Mapping[str, str] | None = None) -> str:
+    """Return "<md5>.dir" for the directory ``root`` (all files below it, recursively).
+
+    Args:
+        root: the directory.
+        known: MD5s the caller already computed, by relative POSIX path (a writer that
+            hashed a large file while writing the others need not read it again).
+    """
     root = Path(root)
-    listing = sorted(
-        ({"md5": file_md5(p), "relpath": p.relative_to(root).as_posix()}
-         for p in root.rglob("*") if p.is_file()),
-        key=lambda entry: entry["relpath"],
-    )
+    known = known or {}
+    listing = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            relpath = p.relative_to(root).as_posix()
+            listing.append({"md5": known.get(relpath) or file_md5(p), "relpath": relpath})
+    listing.sort(key=lambda entry: entry["relpath"])
     payload = json.dumps(listing, sort_keys=True).encode("utf-8")
     return hashlib.md5(payload, usedforsecurity=False).hexdigest() + ".dir"

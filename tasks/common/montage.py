@@ -20,10 +20,19 @@ CACHE_PREFIX = "montage-"
 
 
 def _pick(rows: pd.DataFrame, per_site: int) -> list[int]:
-    """Up to ``per_site`` indices, round-robin over label groups so every label is shown."""
+    """Up to ``per_site`` indices, round-robin over label groups so every label is shown.
+
+    Within a group, rows are taken in the order of a hash of their ``study_uid`` (row order
+    where there is none): a new study joins the picture only if it hashes before the ones
+    shown, so an archive that grows by a few studies a night mostly keeps its montage (and
+    the cached PNG), where "the first rows" would change whenever a new file sorts first.
+    """
     keys = rows[["amyloid", "metastasis"]].astype("string").fillna("?")
-    groups = [list(g["index"]) for _, g in rows.assign(_a=keys["amyloid"], _m=keys["metastasis"])
-              .groupby(["_a", "_m"], sort=True)]
+    rows = rows.assign(_a=keys["amyloid"], _m=keys["metastasis"])
+    if "study_uid" in rows.columns:
+        order = [hashlib.sha256(u.encode()).hexdigest() for u in rows["study_uid"].astype(str)]
+        rows = rows.assign(_order=order).sort_values("_order", kind="stable")
+    groups = [list(g["index"]) for _, g in rows.groupby(["_a", "_m"], sort=True)]
     picked: list[int] = []
     while len(picked) < per_site and any(groups):
         for group in groups:

@@ -27,6 +27,11 @@ between runs, outside the folder DVC replaces):
     index.json              the last successful run's files: keyed path id -> stat, MD5,
                             entry. The pending run's index (index.pending.json) replaces it
                             only after the dataset was written.
+    in-process.json         present only while a run processes its few new files in its own
+                            process (``ingest.pool_min_files``), by keyed path id. Found by
+                            the next run, it means that run died there (a decoder crash, the
+                            OOM killer): the next run processes in worker processes, where a
+                            crash costs one file (quarantined) and not the run.
 No identity is stored: paths, UIDs and labels appear only as keyed digests.
 """
 
@@ -37,6 +42,8 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from importlib import metadata
@@ -57,6 +64,7 @@ log = logging.getLogger("synthdx.ingest")
 CACHE_VERSION = 1
 INDEX_NAME = "index.json"
 PENDING_NAME = "index.pending.json"
+JOURNAL_NAME = "in-process.json"
 ENTRIES = "entries"
 # Libraries whose behaviour shapes a file's result (reading, decoding, de-identifying, pixels).
 _LIBRARIES = ("pydicom", "numpy", "dicom-anonymizer", "pylibjpeg", "pylibjpeg-libjpeg",
@@ -95,9 +103,12 @@ class TracedResult(FileResult):
     settled: bool = False  # the file did not change while it was read
 
 
+_FIELDS = tuple(f.name for f in fields(FileResult) if f.init)
+
+
 def plain(result: FileResult) -> FileResult:
     """The result as a plain FileResult with every field it has (fields added later too)."""
-    return FileResult(**{f.name: getattr(result, f.name) for f in fields(FileResult) if f.init})
+    return FileResult(**{name: getattr(result, name) for name in _FIELDS})
 
 
 def _study_uid(path: Path) -> str:
@@ -254,6 +265,45 @@ class IngestCache:
 
     def _entry_key(self, file_id: str, md5: str) -> str:
         return hashlib.sha256(f"{self.context}\0{file_id}\0{md5}".encode()).hexdigest()
+
+    def changed(self, relpaths: list[str]) -> int | None:
+        """How many files are new or changed since the last run, by path and stat only.
+
+        A quick first look (a stat per file) to decide, before the cached results are read,
+        where the new files will be processed (:func:`tasks.ingest.pipeline.process`); a
+        changed labels row is only seen by :meth:`lookup`. None: no usable last run.
+        """
+        if not self.enabled or not self.previous:
+            return None
+        count = 0
+        for relpath in relpaths:
+            known = self.previous.get(self.names.file_id(relpath))
+            if known is None or list(known["stat"]) != list(
+                    file_stat(self.source / relpath) or ()):
+                count += 1
+        return count
+
+    def died_in_process(self) -> bool:
+        """Whether the last run died while processing files in its own process."""
+        return (self.folder / JOURNAL_NAME).exists()
+
+    @contextmanager
+    def in_process(self, relpaths: list[str]) -> Iterator[None]:
+        """Journal the files processed in this process while it happens (see the layout).
+
+        The journal is removed when the block ends, with or without a Python exception: only
+        a process that dies leaves it behind.
+        """
+        _write_json(self.folder / JOURNAL_NAME, {
+            "version": CACHE_VERSION, "files": [self.names.file_id(p) for p in relpaths]})
+        try:
+            yield
+        finally:
+            (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+    def clear_journal(self) -> None:
+        """Forget a dead run's journal (its files were processed in worker processes)."""
+        (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
 
     def lookup(self, relpath: str) -> FileResult | None:
         """The cached result of a file, or None when it must be processed."""

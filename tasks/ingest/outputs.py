@@ -87,7 +87,8 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         "truth": truth,
     }
     with atomic_dir(output) as tmp:
-        dataset.write_dataset(tmp, assembled.images, assembled.manifest)
+        # The images' MD5 comes from memory while they are written (the DVC hash below).
+        images_md5 = dataset.write_dataset(tmp, assembled.images, assembled.manifest)
         if masks is not None:
             dataset.write_masks(tmp, masks)
         with (tmp / "headers.jsonl").open("w", encoding="utf-8") as fh:
@@ -96,6 +97,7 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         write_montage(assembled.images, assembled.manifest, tmp / "montage.png",
                       cache=cache_folder(cfg) if cfg.incremental else None)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        known = {dataset.IMAGES_FILE: images_md5} if images_md5 else {}
     manifest = assembled.manifest
     return IngestResult(
         output=output,
@@ -107,7 +109,7 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         splits={s: int((manifest["split"] == s).sum()) for s in SPLITS},
         sites=report["counts"]["site"],
         internal_site=assembled.internal_site,
-        digest=dvc_dir_hash(output),
+        digest=dvc_dir_hash(output, known),
         elapsed_seconds=round(time.perf_counter() - plan.started, 3),
         key_origin=plan.key.origin,
         manifest_dtypes={str(k): v.kind for k, v in manifest.dtypes.items()},

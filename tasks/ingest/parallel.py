@@ -17,13 +17,20 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from tasks.common.progress import progress
 from tasks.ingest.errors import IngestError
-from tasks.ingest.reader import FileResult, WorkerContext, init_worker, process_chunk
+from tasks.ingest.reader import (
+    FileResult,
+    WorkerContext,
+    init_worker,
+    process_chunk,
+    working_here,
+)
 
 log = logging.getLogger("synthdx.ingest")
 
@@ -59,12 +66,80 @@ def _pool(workers: int, context: WorkerContext) -> ProcessPoolExecutor:
     )
 
 
+def run_here(relpaths: Iterable[str], context: WorkerContext,
+             task: ChunkTask = process_chunk) -> dict[str, FileResult]:
+    """Process a few files in this process, as a worker would; no pool is started.
+
+    Why: a pool's start (the forkserver preloading the DICOM stack, then its workers) costs
+    most of a second, more than a nightly handful of new files take to process. The price is
+    isolation: a decoder that crashes takes this process with it, so the caller keeps a
+    journal of what runs here and uses a pool next time (tasks/ingest/cache.py).
+    """
+    files = list(relpaths)
+    with working_here(context), progress("ingest", len(files), "files") as advance:
+        results = task(files)
+        advance(len(results))
+    return {r.relpath: r for r in results}
+
+
+def _ready() -> None:
+    """A task that does nothing: submitting one per worker makes the pool start them all."""
+
+
+class PoolStart:
+    """A process pool whose workers start in a background thread, beside other work.
+
+    Why: starting the forkserver (which preloads the DICOM stack) and its workers takes
+    most of a second, as long as an incremental ingest's whole remaining work on a few new
+    files. Started while the cache is being read, it is ready when the new files are known.
+    If the start fails, :meth:`take` gives None and :func:`run_pool` starts its own pool,
+    whose error (if any) is then raised where it always was.
+    """
+
+    def __init__(self, workers: int, context: WorkerContext) -> None:
+        self.workers = resolve_workers(workers)
+        self._context = context
+        self._pool: ProcessPoolExecutor | None = None
+        self._thread = threading.Thread(target=self._start, name="ingest-pool-start",
+                                        daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        pool = None
+        try:
+            pool = _pool(self.workers, self._context)
+            done, _ = wait([pool.submit(_ready) for _ in range(self.workers)])
+            if all(f.exception() is None for f in done):
+                self._pool = pool
+                return
+        except Exception as exc:  # reported by the pool run_pool starts instead
+            log.debug("background pool start failed: %s", exc)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def take(self) -> ProcessPoolExecutor | None:
+        """The started pool (the caller shuts it down), or None when it did not start."""
+        self._thread.join()
+        pool, self._pool = self._pool, None
+        return pool
+
+    def close(self) -> None:
+        """Shut the pool down if it was never taken."""
+        pool = self.take()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 def _run_round(chunks: list[list[str]], workers: int, context: WorkerContext,
                task: ChunkTask, done: dict[str, FileResult],
-               advance: Callable[[int], None] | None = None) -> list[list[str]]:
-    """Run chunks in one pool; return the chunks that did not finish (pool broke)."""
+               advance: Callable[[int], None] | None = None,
+               started: ProcessPoolExecutor | None = None) -> list[list[str]]:
+    """Run chunks in one pool; return the chunks that did not finish (the pool broke).
+
+    The pool is ``started`` when given (:class:`PoolStart`), else a new one.
+    """
     unfinished: list[list[str]] = []
-    with _pool(workers, context) as pool:
+    with started if started is not None else _pool(workers, context) as pool:
         futures: dict[Future[list[FileResult]], list[str]] = {
             pool.submit(task, chunk): chunk for chunk in chunks
         }
@@ -85,7 +160,8 @@ def _run_round(chunks: list[list[str]], workers: int, context: WorkerContext,
 
 
 def run_pool(relpaths: Iterable[str], context: WorkerContext, workers: int,
-             task: ChunkTask = process_chunk) -> dict[str, FileResult]:
+             task: ChunkTask = process_chunk,
+             started: PoolStart | None = None) -> dict[str, FileResult]:
     """Process every file in worker processes; return one result per file, by relpath.
 
     Args:
@@ -93,12 +169,16 @@ def run_pool(relpaths: Iterable[str], context: WorkerContext, workers: int,
         context: shared inputs, sent once to each worker.
         workers: worker processes (0 = one per core).
         task: the chunk function (replaceable so tests can make a worker crash).
+        started: a pool started beforehand (:class:`PoolStart`, same workers and context)
+            for the first round; retries after a crash always start fresh pools.
     """
     files = list(relpaths)
     workers = resolve_workers(workers)
     done: dict[str, FileResult] = {}
+    first = started.take() if started is not None else None
     with progress("ingest", len(files), "files") as advance:
-        broken = _run_round(chunked(files, workers), workers, context, task, done, advance)
+        broken = _run_round(chunked(files, workers), workers, context, task, done, advance,
+                            started=first)
     order = {p: i for i, p in enumerate(files)}
     queue = sorted((p for chunk in broken for p in chunk if p not in done), key=order.__getitem__)
     while queue:

@@ -34,7 +34,7 @@ from tasks.ingest.cache import (
 from tasks.ingest.errors import IngestError
 from tasks.ingest.labels import load_labels
 from tasks.ingest.outputs import write_dataset
-from tasks.ingest.parallel import resolve_workers, run_pool
+from tasks.ingest.parallel import PoolStart, resolve_workers, run_here, run_pool
 from tasks.ingest.provenance import verified_phantom
 from tasks.ingest.pseudonym import Pseudonymizer, resolve_key
 from tasks.ingest.quarantine import report_entries, write_quarantine
@@ -125,32 +125,58 @@ def worker_context(plan: IngestPlan) -> WorkerContext:
 
 
 def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResult]:
-    """One result per file: from the cache where the file is unchanged, else from the pool.
+    """One result per file: from the cache where the file is unchanged, else processed.
 
-    The files to process run in parallel worker processes; their results are filed in the
-    cache (tasks/ingest/cache.py), and this run's index is written as pending (current once
-    the dataset is written, see :func:`finish`).
+    Files to process run in parallel worker processes, started while the cache is read;
+    on a nightly run with at most ``ingest.pool_min_files`` new files they run in this
+    process instead (a pool's start would cost more than they do), unless the last run died
+    doing that (then a pool quarantines the file that killed it). Their results are filed in
+    the cache (tasks/ingest/cache.py), and this run's index is written as pending (current
+    once the dataset is written, see :func:`finish`).
     """
-    cache = IngestCache(plan.cfg, plan.key, plan.labels)
+    cfg = plan.cfg
+    cache = IngestCache(cfg, plan.key, plan.labels)
+    n_workers = resolve_workers(cfg.workers if workers is None else workers)
+    changed = cache.changed(plan.files)
+    here = changed is not None and not cache.died_in_process()
+    early = (PoolStart(n_workers, worker_context(plan))
+             if changed is None or changed > cfg.pool_min_files
+             or (changed and not here) else None)
     results: dict[str, FileResult] = {}
     todo: list[str] = []
-    for relpath in plan.files:
-        hit = cache.lookup(relpath)
-        if hit is None:
-            todo.append(relpath)
+    try:
+        for relpath in plan.files:
+            hit = cache.lookup(relpath)
+            if hit is None:
+                todo.append(relpath)
+            else:
+                results[relpath] = hit
+        task = chunk_task(Path(cfg.source))
+        if todo and here and len(todo) <= cfg.pool_min_files and early is None:
+            log.info("processing %d new or changed files in this process (ingest."
+                     "pool_min_files = %d; %d unchanged files from the cache)",
+                     len(todo), cfg.pool_min_files, cache.reused)
+            try:
+                with cache.in_process(todo):
+                    fresh = run_here(todo, worker_context(plan), task=task)
+            except Exception as exc:  # the pool's retries isolate whatever raised
+                log.warning("processing in this process failed (%s: %s); using worker "
+                            "processes", type(exc).__name__, exc)
+                fresh = run_pool(todo, worker_context(plan), n_workers, task=task)
+        elif todo:
+            log.info("processing %d files with %d workers (%d unchanged files from the cache)",
+                     len(todo), n_workers, cache.reused)
+            fresh = run_pool(todo, worker_context(plan), n_workers, task=task, started=early)
+            cache.clear_journal()
         else:
-            results[relpath] = hit
-    if todo:
-        n_workers = resolve_workers(plan.cfg.workers if workers is None else workers)
-        log.info("processing %d files with %d workers (%d unchanged files from the cache)",
-                 len(todo), n_workers, cache.reused)
-        fresh = run_pool(todo, worker_context(plan), n_workers,
-                         task=chunk_task(Path(plan.cfg.source)))
+            fresh = {}
+            log.info("all %d files unchanged: every result from the cache", len(plan.files))
         for relpath in todo:
             cache.store(fresh[relpath])
             results[relpath] = plain(fresh[relpath])
-    else:
-        log.info("all %d files unchanged: every result from the cache", len(plan.files))
+    finally:
+        if early is not None:
+            early.close()
     cache.write_pending(_archive(plan, cache.md5s(plan.files)))
     return results
 

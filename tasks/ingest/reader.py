@@ -16,7 +16,8 @@ import ctypes
 import hashlib
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,23 @@ def install_context(context: WorkerContext) -> None:
     """Make ``context`` the inputs of :func:`process_file` in this process."""
     global _CONTEXT
     _CONTEXT = context
+
+
+@contextmanager
+def working_here(context: WorkerContext) -> Iterator[None]:
+    """Let this process do a worker's job for a while, and put its settings back after.
+
+    The inputs are installed and pydicom's value validation on reading is off (as in
+    :func:`init_worker`); the allocator and decoder choices of a dedicated worker are not
+    made (decoders give the same pixels either way).
+    """
+    global _CONTEXT
+    saved = _CONTEXT, config.settings.reading_validation_mode
+    _CONTEXT, config.settings.reading_validation_mode = context, config.IGNORE
+    try:
+        yield
+    finally:
+        _CONTEXT, config.settings.reading_validation_mode = saved
 
 
 def init_worker(context: WorkerContext, one_per_core: bool = False) -> None:
