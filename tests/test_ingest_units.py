@@ -216,3 +216,17 @@ def test_dvc_dir_hash_equals_dvc_data(tmp_path: Path) -> None:
     _, _, tree = build(odb, str(root), fs, "md5", dry_run=True)
     assert dvc_dir_hash(root) == tree.hash_info.value
     assert tree.hash_info.value.endswith(".dir")
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 12, 4), (0, 2, 12, 4)])
+def test_dataset_writer_hashes_images_from_memory_as_the_file_holds_them(
+        tmp_path: Path, shape: tuple[int, ...]) -> None:
+    import pandas as pd
+
+    from tasks.artifacts.dataset import IMAGES_FILE, write_dataset
+    from tasks.artifacts.dvc_hash import file_md5
+
+    images = np.random.default_rng(1).random(shape).astype(np.float16)
+    md5 = write_dataset(tmp_path, images, pd.DataFrame({"index": np.arange(shape[0])}))
+    assert md5 == file_md5(tmp_path / IMAGES_FILE)  # also for an empty set (nothing released)
+    assert dvc_dir_hash(tmp_path, {IMAGES_FILE: md5}) == dvc_dir_hash(tmp_path)

@@ -81,7 +81,8 @@ def write_dataset(folder: Path, images: np.ndarray, manifest: pd.DataFrame) -> s
     if images.flags.c_contiguous and images.dtype.hasobject is False:
         header = _npy_header(images)
         md5 = hashlib.md5(header, usedforsecurity=False)
-        hasher = threading.Thread(target=md5.update, args=(memoryview(images).cast("B"),))
+        raw = images.reshape(-1).view(np.uint8)  # the bytes, as tofile writes them (any N)
+        hasher = threading.Thread(target=md5.update, args=(raw,))
         hasher.start()
         try:
             np.save(path, images, allow_pickle=False)
