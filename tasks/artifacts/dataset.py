@@ -78,20 +78,19 @@ def write_dataset(folder: Path, images: np.ndarray, manifest: pd.DataFrame) -> s
     """
     path = Path(folder) / IMAGES_FILE
     digest = None
-    if images.flags.c_contiguous and images.dtype.hasobject is False:
+    if images.flags.c_contiguous and not images.dtype.hasobject:
+        # What np.save writes for such an array: its header, then the raw bytes.
         header = _npy_header(images)
         md5 = hashlib.md5(header, usedforsecurity=False)
-        raw = images.reshape(-1).view(np.uint8)  # the bytes, as tofile writes them (any N)
-        hasher = threading.Thread(target=md5.update, args=(raw,))
+        hasher = threading.Thread(target=md5.update, args=(images.reshape(-1).view(np.uint8),))
         hasher.start()
         try:
-            np.save(path, images, allow_pickle=False)
+            with path.open("wb") as fh:
+                fh.write(header)
+                images.tofile(fh)
         finally:
             hasher.join()
-        with path.open("rb") as fh:  # the header np.save wrote must be the one hashed
-            if (fh.read(len(header)) == header
-                    and path.stat().st_size == len(header) + images.nbytes):
-                digest = md5.hexdigest()
+        digest = md5.hexdigest()
     else:
         np.save(path, images, allow_pickle=False)
     manifest.to_parquet(Path(folder) / MANIFEST_FILE, index=False)

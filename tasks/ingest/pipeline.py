@@ -138,10 +138,10 @@ def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResul
     cache = IngestCache(cfg, plan.key, plan.labels)
     n_workers = resolve_workers(cfg.workers if workers is None else workers)
     changed = cache.changed(plan.files)
-    here = changed is not None and not cache.died_in_process()
-    early = (PoolStart(n_workers, worker_context(plan))
-             if changed is None or changed > cfg.pool_min_files
-             or (changed and not here) else None)
+    small = (changed is not None and changed <= cfg.pool_min_files
+             and not cache.died_in_process())
+    # Worker processes will be needed: they start now, beside the cache reads.
+    early = PoolStart(n_workers, worker_context(plan)) if not small and changed != 0 else None
     results: dict[str, FileResult] = {}
     todo: list[str] = []
     try:
@@ -152,7 +152,7 @@ def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResul
             else:
                 results[relpath] = hit
         task = chunk_task(Path(cfg.source))
-        if todo and here and len(todo) <= cfg.pool_min_files and early is None:
+        if todo and small and len(todo) <= cfg.pool_min_files:
             log.info("processing %d new or changed files in this process (ingest."
                      "pool_min_files = %d; %d unchanged files from the cache)",
                      len(todo), cfg.pool_min_files, cache.reused)
