@@ -20,12 +20,12 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from models.data import scan_augmentation
-from models.dataset_files import IMAGES_FILE
+from models.dataset_files import images_location, open_images
 
 
 def load_images(root: str | Path, indices: Sequence[int] | np.ndarray, size: tuple[int, int],
                 chunk: int = 512) -> torch.Tensor:
-    """Rows ``indices`` of ``<root>/images.npy`` as float32 (N, 2, rows, cols) in [0, 1].
+    """Rows ``indices`` of a dataset folder's images as float32 (N, 2, rows, cols) in [0, 1].
 
     Images of another size are area-resized (the right filter for count images: it keeps the
     mean intensity and does not alias noise). Read in chunks from a memory map, so only the
@@ -35,10 +35,8 @@ def load_images(root: str | Path, indices: Sequence[int] | np.ndarray, size: tup
         FileNotFoundError: no image array in ``root``.
         IndexError: an index outside the array.
     """
-    path = Path(root) / IMAGES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing image array")
-    array = np.load(path, mmap_mode="r")
+    path = images_location(root)
+    array = open_images(root)
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= len(array)):
         raise IndexError(f"{path}: row index out of range 0..{len(array) - 1}")

@@ -37,7 +37,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import DistributedSampler
 
 from models.conditioning import ConditionSpec
-from models.dataset_files import IMAGES_FILE, read_manifest
+from models.dataset_files import ImageArray, has_images, images_location, open_images, read_manifest
 
 Transform = Callable[[torch.Tensor], Any]
 
@@ -94,8 +94,8 @@ class ProcessedImages(torch.utils.data.Dataset):
         transform: Transform | None = None,
     ) -> None:
         self.root = Path(root)
-        self.images_path = self.root / IMAGES_FILE
-        if not self.images_path.is_file():
+        self.images_path = images_location(self.root)
+        if not has_images(self.root):
             raise FileNotFoundError(f"{self.images_path}: missing image array")
         manifest = read_manifest(self.root)
         rows = manifest[manifest["split"] == split].sort_values("index")
@@ -106,7 +106,7 @@ class ProcessedImages(torch.utils.data.Dataset):
         self.transform = transform
         self.indices = rows["index"].to_numpy(dtype=np.int64)
         self.cond = spec.encode(rows)
-        self._images: np.ndarray | None = None
+        self._images: ImageArray | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -118,10 +118,10 @@ class ProcessedImages(torch.utils.data.Dataset):
         return state
 
     @property
-    def images(self) -> np.ndarray:
-        """The memory-mapped image array, opened on first use in this process."""
+    def images(self) -> ImageArray:
+        """The memory-mapped images (either layout), opened on first use in this process."""
         if self._images is None:
-            self._images = np.load(self.images_path, mmap_mode="r")
+            self._images = open_images(self.root)
         return self._images
 
     def __getitem__(self, item: int | Draw) -> dict[str, Any]:

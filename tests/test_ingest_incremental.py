@@ -11,6 +11,7 @@ images, manifest, headers, report and montage.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -207,3 +208,76 @@ def test_few_new_files_run_here_with_a_journal_and_a_dead_run_falls_back_to_a_po
 
     with pytest.raises(ValidationError, match="pool_min_files"):  # a bad value is named
         night["config"](night["root"] / "x", pool_min_files=-1)
+
+
+def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
+        tmp_path: Path, tiny_phantom: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Shards a night leaves alone are the last output's files (hard links, not copies);
+    a shard file edited in the output, a lost pack and lost cache entries are all repaired,
+    and each night still equals a full ingest byte for byte."""
+    from tasks.artifacts import dataset
+
+    monkeypatch.setattr(dataset, "SHARD_BYTES", 3 * 2 * 48 * 16 * 2)  # about 3 rows a shard
+    archive = tmp_path / "archive"
+    shutil.copytree(tiny_phantom / "dicom", archive)
+    (tmp_path / "key.txt").write_text(KEY)
+
+    def config(out: Path) -> IngestConfig:
+        return IngestConfig(source=archive, labels=tiny_phantom / "labels.csv",
+                            output=out / "processed", quarantine=out / "quarantine",
+                            image_rows=48, image_cols=16, workers=1,
+                            key_file=tmp_path / "key.txt", internal_site="aurelia")
+
+    def shards(output: Path) -> dict[str, int]:
+        index = json.loads((output / "images" / "shards.json").read_text())
+        return {s["file"]: (output / "images" / s["file"]).stat().st_ino
+                for s in index["shards"]}
+
+    def equals_full(digest: str, name: str) -> bool:
+        full = config(tmp_path / name)
+        return digest == run_ingest(full).digest == dvc_dir_hash(Path(full.output))
+
+    project = config(tmp_path / "project")
+    output = Path(project.output)
+    late = sorted(archive.rglob("*.dcm"))[5]
+    late.rename(tmp_path / "late.dcm")
+    run_ingest(project)
+    before = shards(output)
+    assert len(before) >= 4
+
+    late.parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "late.dcm").rename(late)  # night 2: one new file
+    grown = run_ingest(project)
+    after = shards(output)
+    linked = {f for f in after if before.get(f) == after[f]}
+    assert len(after) - len(linked) <= 2 and len(linked) >= len(before) - 2
+    assert equals_full(grown.digest, "full-1")
+
+    # An edited shard (another mtime) is not trusted: it is written again, from the cache.
+    edited = next(iter(after))
+    path = output / "images" / edited
+    path.write_bytes(path.read_bytes())
+    edited_inode = path.stat().st_ino
+    again = run_ingest(project)
+    assert again.reused == again.files_total and again.digest == grown.digest
+    now = shards(output)
+    assert now[edited] != edited_inode  # written anew, under the same name (same bytes)
+    assert all(now[f] == after[f] for f in after if f != edited)  # the rest linked
+    assert dvc_dir_hash(output) == grown.digest
+
+    # No pack and no entries: results come from nowhere, so every file is processed again.
+    folder = cache_folder(project)
+    (folder / "pack.pkl").unlink()
+    shutil.rmtree(folder / "entries")
+    rebuilt = run_ingest(project)
+    assert rebuilt.reused == 0 and rebuilt.digest == grown.digest
+
+    # Entries lost but the pack kept: a shard that must be written processes its files again.
+    shutil.rmtree(folder / "entries")
+    path = output / "images" / next(iter(shards(output)))
+    path.write_bytes(path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="synthdx.ingest"):
+        repaired = run_ingest(project)
+    assert repaired.reused == repaired.files_total and repaired.digest == grown.digest
+    assert "processing its file again" in caplog.text

@@ -21,6 +21,7 @@ from test_ingest_helpers import (
     crash_on_marked_file,
 )
 
+from tasks.artifacts.dataset import ShardedImages, open_images
 from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
 from tasks.ingest.parallel import CRASH_REASON, run_pool
@@ -118,10 +119,21 @@ def test_rerun_on_the_same_input_gives_byte_identical_output(archive: Archive,
 
 def test_outputs_format(archive: Archive, ingested) -> None:
     _, output = ingested
-    images = np.load(output / "images.npy", mmap_mode="r")
-    assert isinstance(images, np.memmap)
+    images = open_images(output)
+    assert isinstance(images, ShardedImages) and not (output / "images.npy").exists()
     assert images.dtype == np.float16 and images.shape == (len(archive.good), 2, 48, 16)
-    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    whole = np.asarray(images)
+    assert float(whole.min()) >= 0.0 and float(whole.max()) <= 1.0
+    # Shards: each named by the MD5 of its bytes, a plain .npy, together the whole array.
+    index = json.loads((output / "images" / "shards.json").read_text())
+    parts = []
+    for shard in index["shards"]:
+        path = output / "images" / shard["file"]
+        assert hashlib.md5(path.read_bytes()).hexdigest() + ".npy" == shard["file"]
+        parts.append(np.load(path))
+        assert len(parts[-1]) == shard["rows"]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(images[[3, 0, 3]], whole[[3, 0, 3]])
     manifest = pd.read_parquet(output / "manifest.parquet")
     assert list(manifest["index"]) == list(range(len(manifest)))
     for column in ("pseudo_id", "study_uid", "site", "split", "perugini_grade", "amyloid",
@@ -173,7 +185,7 @@ def test_anterior_and_posterior_channels(archive: Archive, tmp_path: Path) -> No
     cfg = archive.config(tmp_path / "out", source=source, labels=labels, workers=1)
     run_ingest(cfg)
     manifest = pd.read_parquet(Path(cfg.output) / "manifest.parquet")
-    images = np.load(Path(cfg.output) / "images.npy").astype(np.float32)
+    images = np.asarray(open_images(cfg.output), dtype=np.float32)
     assert list(manifest["view_source"]) == ["assumed", "dicom"]  # noview, reversed
     for image in images:
         assert image[0, :, :4].mean() > 3 * image[0, :, -4:].mean()  # anterior: bar left
@@ -217,8 +229,10 @@ def test_pseudonyms_stable_per_key_and_uids_consistent(archive: Archive, ingeste
     second = pd.read_parquet(Path(again.output) / "manifest.parquet")
     pd.testing.assert_frame_equal(first, second)
     # Same bytes with one worker as with two: the output does not depend on scheduling.
-    for name in ("images.npy", "manifest.parquet", "headers.jsonl"):
+    for name in ("images/shards.json", "manifest.parquet", "headers.jsonl"):
         assert (output / name).read_bytes() == (Path(again.output) / name).read_bytes()
+    np.testing.assert_array_equal(np.asarray(open_images(output)),
+                                  np.asarray(open_images(again.output)))
     other_key = tmp_path / "other.key"
     other_key.write_text(OTHER_KEY)
     other = archive.config(tmp_path / "other", key_file=other_key)

@@ -3,15 +3,19 @@
 Layout::
 
     images.npy        float16 (N, 2, rows, cols), channel 0 anterior, 1 posterior, in [0, 1]
-    manifest.parquet  one row per image; ``index`` is its row in images.npy
+                      (synthetic and released sets), or
+    images/           the same array in shards (processed datasets: ingest), see
+                      models.dataset_files and :func:`write_image_shards`
+    manifest.parquet  one row per image; ``index`` is its row in the image array
     synthesis.json    (synthetic and released sets) which model and sampler made the images
     masks.npz         (optional, evaluation only: a phantom's processed set) per finding kind
                       (amyloid, metastasis) a float16 (N, 2, rows, cols) array: the share of
                       each pixel the true finding covers (tasks/artifacts/truth_masks.py)
 
-The two file names and :func:`read_manifest` are defined in ``models.dataset_files`` (the lowest
-layer: the diffusion DataModule opens a processed folder in every loader worker) and re-exported
-here, so there is one definition and stages take them from this module.
+The file names, :func:`read_manifest` and :func:`open_images` are defined in
+``models.dataset_files`` (the lowest layer: the diffusion DataModule opens a processed folder
+in every loader worker) and re-exported here, so there is one definition and stages take them
+from this module.
 """
 
 from __future__ import annotations
@@ -19,21 +23,47 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from models.dataset_files import IMAGES_FILE, MANIFEST_FILE, MASKS_FILE, read_manifest
+from models.dataset_files import (
+    IMAGES_DIR,
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    MASKS_FILE,
+    SHARDS_FILE,
+    SHARDS_FORMAT,
+    ImageArray,
+    ShardedImages,
+    has_images,
+    images_location,
+    open_images,
+    read_manifest,
+)
 from tasks.artifacts.json_file import read_json_object
 
 SYNTHESIS_FILE = "synthesis.json"
 
-__all__ = ["IMAGES_FILE", "MANIFEST_FILE", "MASKS_FILE", "SYNTHESIS_FILE", "DatasetError",
-           "DatasetMissing", "has_dataset", "open_dataset", "read_manifest", "read_masks",
-           "read_synthesis", "stored_size", "write_dataset", "write_masks", "write_synthesis"]
+SHARD_BYTES = 1 << 18
+"""The mean size a shard is cut to: small enough that a night's few new studies rewrite
+little, large enough that a big archive is not tens of thousands of files."""
+
+__all__ = [
+    "IMAGES_DIR", "IMAGES_FILE", "MANIFEST_FILE", "MASKS_FILE", "SHARDS_FILE", "SYNTHESIS_FILE",
+    "DatasetError", "DatasetMissing", "ImageArray", "ShardedImages", "StoredShard", "has_dataset",
+    "has_images", "images_location", "open_dataset", "open_images", "read_manifest", "read_masks",
+    "read_synthesis", "shard_bounds", "stored_size", "write_dataset", "write_image_shards",
+    "write_masks", "write_synthesis",
+]
 
 
 class DatasetError(ValueError):
@@ -45,9 +75,9 @@ class DatasetMissing(DatasetError, FileNotFoundError):
 
 
 def has_dataset(root: Path) -> bool:
-    """Whether ``root`` holds both files of a dataset folder."""
+    """Whether ``root`` holds a dataset folder's images (either layout) and manifest."""
     root = Path(root)
-    return (root / IMAGES_FILE).is_file() and (root / MANIFEST_FILE).is_file()
+    return has_images(root) and (root / MANIFEST_FILE).is_file()
 
 
 def _npy_header(array: np.ndarray) -> bytes:
@@ -97,8 +127,119 @@ def write_dataset(folder: Path, images: np.ndarray, manifest: pd.DataFrame) -> s
     return digest
 
 
+def shard_bounds(keys: Sequence[str], row_bytes: int, target_bytes: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """Where to cut rows into shards: content-defined, so a new row moves only its shard.
+
+    A shard ends after a row whose key hashes to 0 modulo the mean shard length (or when it
+    reaches four times that length). Why keys and not positions: with positions, one row
+    inserted near the start would shift every later border and rewrite every shard; here a
+    border depends only on the row it follows, so a full run and an incremental run of the
+    same rows cut at the same places, and a new row changes one shard (or splits one).
+
+    Args:
+        keys: one stable string per row, in row order (ingest: the keyed file ids).
+        row_bytes: bytes of one row's image.
+        target_bytes: the mean shard size wanted (default :data:`SHARD_BYTES`).
+
+    Returns:
+        (start, end) row ranges covering all rows, in order.
+    """
+    target = SHARD_BYTES if target_bytes is None else target_bytes
+    mean = max(1, min(1024, round(target / max(1, row_bytes))))
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i, key in enumerate(keys):
+        digest = hashlib.md5(str(key).encode("utf-8"), usedforsecurity=False).digest()
+        if i + 1 - start >= 4 * mean or int.from_bytes(digest[:4], "big") % mean == 0:
+            bounds.append((start, i + 1))
+            start = i + 1
+    if start < len(keys):
+        bounds.append((start, len(keys)))
+    return bounds
+
+
+@dataclass(frozen=True)
+class StoredShard:
+    """One shard as stored: file name inside ``images/`` (its MD5 + .npy), rows, MD5."""
+
+    file: str
+    rows: int
+    md5: str
+
+
+def _write_shard(folder: Path, array: np.ndarray) -> StoredShard:
+    """Write one shard under the MD5 of its bytes (header + raw data, as np.save writes)."""
+    array = np.ascontiguousarray(array)
+    header = _npy_header(array)
+    md5 = hashlib.md5(header, usedforsecurity=False)
+    md5.update(array.reshape(-1).view(np.uint8))
+    digest = md5.hexdigest()
+    path = folder / f"{digest}.npy"
+    if not path.exists():  # two shards with the same bytes are one file
+        with path.open("wb") as fh:
+            fh.write(header)
+            array.tofile(fh)
+    return StoredShard(file=path.name, rows=int(array.shape[0]), md5=digest)
+
+
+def _link_shard(folder: Path, existing: Path, rows: int) -> StoredShard:
+    """Bring an identical shard of an earlier output in: a hard link, else a copy."""
+    path = folder / existing.name
+    if not path.exists():
+        try:
+            os.link(existing, path)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copyfile(existing, path)
+    return StoredShard(file=path.name, rows=rows, md5=existing.stem)
+
+
+def write_image_shards(folder: Path, shape: tuple[int, ...], bounds: Sequence[tuple[int, int]],
+                       rows_of: Callable[[int, int], np.ndarray],
+                       existing: Callable[[int, int], Path | None] | None = None,
+                       dtype: Any = np.float16) -> list[StoredShard]:
+    """Write ``images/`` (shards and shards.json) into a dataset folder being built.
+
+    Args:
+        folder: an existing (temporary) dataset folder; ``images/`` is created in it.
+        shape: the whole array's shape, (N, 2, rows, cols).
+        bounds: the row ranges of the shards (:func:`shard_bounds`).
+        rows_of: the images of rows ``start:end``, as an array of ``dtype``; called only for
+            shards that are written, never for those ``existing`` supplies.
+        existing: for a row range, a file of an earlier output holding exactly these rows
+            (named by its MD5, as this function names them), or None. The caller vouches for
+            it (ingest: by what the rows are and the file's unchanged stat).
+        dtype: the stored dtype.
+
+    Returns:
+        The shards in order; their MD5s spare the DVC hash of the folder from reading them.
+    """
+    images = Path(folder) / IMAGES_DIR
+    images.mkdir()
+    dtype = np.dtype(dtype)
+
+    def one(bound: tuple[int, int]) -> StoredShard:
+        start, end = bound
+        found = existing(start, end) if existing is not None else None
+        if found is not None:
+            return _link_shard(images, found, end - start)
+        array = np.asarray(rows_of(start, end), dtype=dtype)
+        if array.shape != (end - start, *shape[1:]):
+            raise ValueError(f"rows {start}:{end} gave images of shape {array.shape}, "
+                             f"expected {(end - start, *shape[1:])}")
+        return _write_shard(images, array)
+
+    # Hashing and writing release the GIL: two shards at a time use both cores of a small VM.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        shards = list(pool.map(one, bounds))
+    index = {"format": SHARDS_FORMAT, "shape": [int(v) for v in shape], "dtype": dtype.name,
+             "shards": [{"file": s.file, "rows": s.rows} for s in shards]}
+    (images / SHARDS_FILE).write_text(json.dumps(index, indent=0) + "\n", encoding="utf-8")
+    return shards
+
+
 def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()
-                 ) -> tuple[np.ndarray, pd.DataFrame]:
+                 ) -> tuple[ImageArray, pd.DataFrame]:
     """Open and check a dataset folder: the memory-mapped images and the manifest.
 
     Why every check here: a stage that reads another stage's dataset must fail on the file
@@ -110,7 +251,8 @@ def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()
         required: manifest columns the caller needs besides ``index``.
 
     Returns:
-        The (N, 2, rows, cols) image array (memory-mapped) and the manifest sorted by ``index``.
+        The (N, 2, rows, cols) images (memory-mapped, either layout: see
+        models.dataset_files.open_images) and the manifest sorted by ``index``.
 
     Raises:
         DatasetMissing: the folder or one of its two files does not exist.
@@ -120,14 +262,18 @@ def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()
     root = Path(root)
     if not root.is_dir():
         raise DatasetMissing(f"{root}: {what} folder does not exist")
-    images_path, manifest_path = root / IMAGES_FILE, root / MANIFEST_FILE
+    images_path, manifest_path = images_location(root), root / MANIFEST_FILE
     for path in (images_path, manifest_path):
-        if not path.is_file():
+        if not path.exists():
             raise DatasetMissing(f"{path}: missing; is {root} a {what} folder?")
     try:
-        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DatasetError(f"{images_path}: not a readable .npy array ({exc})") from exc
+        images = open_images(root)
+        if isinstance(images, ShardedImages):
+            images.check()
+    except FileNotFoundError as exc:
+        raise DatasetMissing(str(exc)) from exc
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
     if images.ndim != 4 or images.shape[1] != 2:
         raise DatasetError(f"{images_path}: expected shape (N, 2, rows, cols) with the "
                            f"anterior and posterior views as channels, got {images.shape}")
@@ -183,18 +329,16 @@ def read_masks(root: Path, images_shape: tuple[int, ...]) -> dict[str, np.ndarra
 
 
 def stored_size(root: Path) -> tuple[int, int]:
-    """(rows, cols) of the images stored in ``root``, from the array header only.
+    """(rows, cols) of the images stored in ``root``, from the array header(s) only.
 
     Raises:
         FileNotFoundError: no image array in ``root``.
         ValueError: the array is not (N, 2, rows, cols).
     """
-    path = Path(root) / IMAGES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing image array")
-    shape = np.load(path, mmap_mode="r").shape
+    shape = open_images(root).shape
     if len(shape) != 4 or shape[1] != 2:
-        raise ValueError(f"{path}: expected images of shape (N, 2, rows, cols), got {shape}")
+        raise ValueError(f"{images_location(root)}: expected images of shape "
+                         f"(N, 2, rows, cols), got {shape}")
     return int(shape[2]), int(shape[3])
 
 

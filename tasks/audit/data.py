@@ -1,10 +1,10 @@
 """The audit's inputs: the real processed dataset and the synthetic dataset, checked and aligned.
 
-Both folders have the same layout (tasks.artifacts.dataset: ``images.npy`` float16
-(N, 2, rows, cols) in [0, 1] and ``manifest.parquet`` with an ``index`` column into the
-array). The synthetic set is at the diffusion model's resolution; every comparison happens
-there, so real images are area-resized down to it (area averaging keeps mean intensity and
-does not alias the speckle of low-count scans; see models.data.resize).
+Both folders have the same layout (tasks.artifacts.dataset: images float16
+(N, 2, rows, cols) in [0, 1], one array or shards, and ``manifest.parquet`` with an ``index``
+column into the array). The synthetic set is at the diffusion model's resolution; every
+comparison happens there, so real images are area-resized down to it (area averaging keeps
+mean intensity and does not alias the speckle of low-count scans; see models.data.resize).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from tasks.artifacts.dataset import (
-    IMAGES_FILE,
     MANIFEST_FILE,
     DatasetError,
     DatasetMissing,
+    ImageArray,
+    images_location,
     open_dataset,
 )
 
@@ -70,7 +71,7 @@ class ImageSet:
 
     root: Path
     manifest: pd.DataFrame
-    images: np.ndarray
+    images: ImageArray
 
     @property
     def size(self) -> tuple[int, int]:
@@ -96,7 +97,7 @@ class ImageSet:
         rows = self.manifest["index"].to_numpy(dtype=np.int64)
         if mask is not None:
             rows = rows[mask]
-        return load_rows(self.images, rows, size, self.root / IMAGES_FILE)
+        return load_rows(self.images, rows, size, images_location(self.root))
 
 
 def _open(root: Path, what: str, required: tuple[str, ...]) -> ImageSet:
@@ -138,8 +139,8 @@ def open_synthetic(root: Path, real: ImageSet) -> ImageSet:
     synthetic = _open(root, "synthetic dataset", ("sample_id",))
     if synthetic.images.shape[1] != real.images.shape[1]:
         raise AuditInputError(
-            f"{synthetic.root / IMAGES_FILE}: {synthetic.images.shape[1]} channels, but the real "
-            f"images in {real.root / IMAGES_FILE} have {real.images.shape[1]}")
+            f"{images_location(synthetic.root)}: {synthetic.images.shape[1]} channels, but the "
+            f"real images in {images_location(real.root)} have {real.images.shape[1]}")
     ids = synthetic.manifest["sample_id"].astype(str)
     if ids.duplicated().any():
         raise AuditInputError(f"{synthetic.root / MANIFEST_FILE}: sample_id is not unique "
@@ -147,7 +148,7 @@ def open_synthetic(root: Path, real: ImageSet) -> ImageSet:
     return synthetic
 
 
-def load_rows(images: np.ndarray, rows: np.ndarray, size: tuple[int, int], source: Path,
+def load_rows(images: ImageArray, rows: np.ndarray, size: tuple[int, int], source: Path,
               chunk: int = 256) -> torch.Tensor:
     """Rows of a (memory-mapped) image array as float32, area-resized to ``size``.
 

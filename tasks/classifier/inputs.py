@@ -19,8 +19,8 @@ import torch
 from models.classifier_data import load_images
 from tasks.artifacts.audit_output import released_dir
 from tasks.artifacts.dataset import (
-    IMAGES_FILE,
     MANIFEST_FILE,
+    has_images,
     read_manifest,
     read_synthesis,
     stored_size,
@@ -80,7 +80,7 @@ def classifier_size(cfg: Config, synthetic_root: Path | None, real_root: Path) -
     c = cfg.classifier
     if c.image_rows is not None and c.image_cols is not None:
         return int(c.image_rows), int(c.image_cols)
-    if synthetic_root is not None and (synthetic_root / IMAGES_FILE).is_file():
+    if synthetic_root is not None and has_images(synthetic_root):
         return stored_size(synthetic_root)
     return stored_size(real_root)
 
@@ -130,7 +130,7 @@ def load_inputs(cfg: Config, need_synthetic: bool) -> ClassifierInputs:
                                     "stage, or set classifier.synthetic)")
         synthetic_manifest = _check_manifest(read_manifest(synthetic_root), synthetic_root)
     else:
-        synthetic_root = synthetic_root if (synthetic_root / IMAGES_FILE).is_file() else None
+        synthetic_root = synthetic_root if has_images(synthetic_root) else None
     size = classifier_size(cfg, synthetic_root, real_root)
     real = DataSource("real", real_root, real_manifest, size)
     lineage: dict[str, Any] = {"processed": str(real_root), "processed_digest":

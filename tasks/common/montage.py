@@ -27,12 +27,20 @@ def _pick(rows: pd.DataFrame, per_site: int) -> list[int]:
     shown, so an archive that grows by a few studies a night mostly keeps its montage (and
     the cached PNG), where "the first rows" would change whenever a new file sorts first.
     """
-    keys = rows[["amyloid", "metastasis"]].astype("string").fillna("?")
-    rows = rows.assign(_a=keys["amyloid"], _m=keys["metastasis"])
+    def text(values: pd.Series) -> list[str]:
+        return ["?" if pd.isna(v) else str(v) for v in values.tolist()]
+
+    # Plain lists, not a groupby: this runs per site on every nightly ingest.
+    index = [int(i) for i in rows["index"].tolist()]
+    label = list(zip(text(rows["amyloid"]), text(rows["metastasis"]), strict=True))
+    order = list(range(len(index)))
     if "study_uid" in rows.columns:
-        order = [hashlib.sha256(u.encode()).hexdigest() for u in rows["study_uid"].astype(str)]
-        rows = rows.assign(_order=order).sort_values("_order", kind="stable")
-    groups = [list(g["index"]) for _, g in rows.groupby(["_a", "_m"], sort=True)]
+        keys = [hashlib.sha256(str(u).encode()).hexdigest() for u in rows["study_uid"].tolist()]
+        order.sort(key=keys.__getitem__)  # stable: ties keep row order
+    by_label: dict[tuple[str, str], list[int]] = {}
+    for k in order:
+        by_label.setdefault(label[k], []).append(index[k])
+    groups = [by_label[key] for key in sorted(by_label)]
     picked: list[int] = []
     while len(picked) < per_site and any(groups):
         for group in groups:

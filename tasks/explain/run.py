@@ -50,7 +50,7 @@ class Inputs:
     size: tuple[int, int]
     model_dir: Path
     processed: Path
-    images: np.ndarray
+    images: dataset.ImageArray
     manifest: pd.DataFrame
     masks: dict[str, np.ndarray] | None
     device: torch.device

@@ -24,9 +24,17 @@ between runs, outside the folder DVC replaces):
                             keyed digest. Pickle: the whole result object, whatever fields it
                             has. Trusted local data, written only by this module; never
                             copy a cache in from elsewhere.
+    pack.pkl                the last successful run's entries without their images, in one
+                            file: a night reads this (one file, no pixels) instead of every
+                            entry; an image is read from its entry only when the dataset
+                            shard it belongs to must be written again.
     index.json              the last successful run's files: keyed path id -> stat, MD5,
-                            entry. The pending run's index (index.pending.json) replaces it
-                            only after the dataset was written.
+                            entry; and the dataset's image shards it wrote: the digest of
+                            the entries a shard holds -> file, MD5, stat (size, mtime,
+                            inode), so an unchanged shard is linked from the last output
+                            instead of written and hashed again. The pending run's index and
+                            pack (*.pending.*) replace them only after the dataset was
+                            written.
     in-process.json         present only while a run processes its few new files in its own
                             process (``ingest.pool_min_files``), by keyed path id. Found by
                             the next run, it means that run died there (a decoder crash, the
@@ -50,6 +58,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 
 from tasks.config import IngestConfig
@@ -64,6 +73,8 @@ log = logging.getLogger("synthdx.ingest")
 CACHE_VERSION = 1
 INDEX_NAME = "index.json"
 PENDING_NAME = "index.pending.json"
+PACK_NAME = "pack.pkl"
+PENDING_PACK_NAME = "pack.pending.pkl"
 JOURNAL_NAME = "in-process.json"
 ENTRIES = "entries"
 # Libraries whose behaviour shapes a file's result (reading, decoding, de-identifying, pixels).
@@ -167,12 +178,30 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+_READ: dict[Path, tuple[Stat, dict[str, Any]]] = {}
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A cache index, parsed once per version of the file (a run reads each several times).
+
+    Callers must not change what it returns.
+    """
+    stat = file_stat(path)
+    if stat is None:
+        return None
+    known = _READ.get(path)
+    if known is not None and known[0] == stat:
+        return known[1]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return None
+    if len(_READ) > 4:  # a run reads two files (index and pending); a test, many projects
+        _READ.clear()
+    _READ[path] = (stat, data)  # replaced files get a new inode (_write_json): never stale
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -241,6 +270,12 @@ class IngestCache:
         self.labels = self._label_states(labels)
         self.files: dict[str, dict[str, Any]] = {}  # this run's index, built as files settle
         self.reused = 0
+        self._pack: dict[str, tuple[dict[str, Any], FileResult]] | None = None
+        self._stats: dict[str, Stat | None] = {}  # from changed(), for lookup()
+        # A pending index left behind: that run died after filing entries it never committed;
+        # this run's commit lists every entry to remove them.
+        self.sweep = (self.folder / PENDING_NAME).exists()
+        self.packed: dict[str, tuple[dict[str, Any], FileResult]] = {}  # this run's pack
 
     def _label_states(self, labels: LabelTable) -> _Labels:
         by_ref: dict[str, tuple[str, str]] = {}
@@ -278,8 +313,8 @@ class IngestCache:
         count = 0
         for relpath in relpaths:
             known = self.previous.get(self.names.file_id(relpath))
-            if known is None or list(known["stat"]) != list(
-                    file_stat(self.source / relpath) or ()):
+            stat = self._stats[relpath] = file_stat(self.source / relpath)
+            if known is None or list(known["stat"]) != list(stat or ()):
                 count += 1
         return count
 
@@ -305,8 +340,27 @@ class IngestCache:
         """Forget a dead run's journal (its files were processed in worker processes)."""
         (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
 
+    def _packed(self, entry: str) -> tuple[dict[str, Any], FileResult] | None:
+        """An entry from the last run's pack (read on first use), or None."""
+        if self._pack is None:
+            self._pack = {}
+            if self.previous:
+                try:
+                    with (self.folder / PACK_NAME).open("rb") as fh:
+                        pack = pickle.load(fh)
+                    if isinstance(pack, dict):
+                        self._pack = pack
+                except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+                        AttributeError):
+                    pass  # each entry is read from its own file instead
+        return self._pack.get(entry)
+
     def lookup(self, relpath: str) -> FileResult | None:
-        """The cached result of a file, or None when it must be processed."""
+        """The cached result of a file, or None when it must be processed.
+
+        A result from the pack comes without its image (``image`` None, ``cache_entry``
+        set): :func:`cached_image` reads it if the dataset needs it.
+        """
         if not self.enabled:
             return None
         file_id = self.names.file_id(relpath)
@@ -314,27 +368,34 @@ class IngestCache:
         if known is None:
             return None
         path = self.source / relpath
-        stat = file_stat(path)
+        # The stat changed() took moments ago (taken once per file); the MD5 below is read
+        # only when it differs from the last run's, as DVC does.
+        stat = self._stats.pop(relpath) if relpath in self._stats else file_stat(path)
         if stat is None:
             return None
         md5 = known["md5"] if list(known["stat"]) == list(stat) else file_md5(path)
         if md5 is None:
             return None
         entry = self._entry_key(file_id, md5)
-        try:
-            with self._entry_path(entry).open("rb") as fh:
-                meta, result = pickle.load(fh)
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-                AttributeError):
-            return None
+        found = self._packed(entry)
+        if found is None:
+            try:
+                with self._entry_path(entry).open("rb") as fh:
+                    found = pickle.load(fh)
+            except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+                    AttributeError):
+                return None
+        meta, result = found
         uid = ""
         if meta["study"] is not None:
             uid, state = self.labels.by_ref.get(meta["study"], ("", self.labels.absent))
             if state != meta["label_state"]:
                 return None
+        self._pack_entry(entry, meta, result)
         result = plain(result)
         result.relpath = relpath
         result.label_uid = uid or None
+        result.cache_entry = entry
         self.files[file_id] = {"stat": list(stat), "md5": md5, "entry": entry}
         self.reused += 1
         return result
@@ -355,12 +416,21 @@ class IngestCache:
         stored = plain(result)
         stored.relpath, stored.label_uid = "", None  # identity: never on disk
         meta = {"study": study, "label_state": state}
+        stored.cache_entry = None
+        self._pack_entry(entry, meta, stored)
+        result.cache_entry = entry
         path = self._entry_path(entry)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with tmp.open("wb") as fh:
             pickle.dump((meta, stored), fh, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(path)
+
+    def _pack_entry(self, entry: str, meta: dict[str, Any], result: FileResult) -> None:
+        """Keep an entry, without its image, for this run's pack."""
+        light = plain(result)
+        light.image = None
+        self.packed[entry] = (meta, light)
 
     def md5s(self, relpaths: list[str]) -> dict[str, str | None]:
         """The MD5 of each file this run saw (None where it could not be read)."""
@@ -377,7 +447,13 @@ class IngestCache:
         """
         _write_json(self.folder / PENDING_NAME, {
             "version": CACHE_VERSION, "key": self.key_id, "archive": archive,
-            "reused": self.reused, "files": self.files})
+            "reused": self.reused, "files": self.files, "sweep": self.sweep})
+        if not self.enabled:
+            return
+        tmp = self.folder / f".{PENDING_PACK_NAME}.tmp-{os.getpid()}"
+        with tmp.open("wb") as fh:
+            pickle.dump(self.packed, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(self.folder / PENDING_PACK_NAME)
 
 
 def pending_run(cfg: IngestConfig) -> dict[str, Any]:
@@ -386,15 +462,71 @@ def pending_run(cfg: IngestConfig) -> dict[str, Any]:
     return {"archive": index.get("archive"), "reused": int(index.get("reused", 0))}
 
 
-def commit(cfg: IngestConfig) -> None:
-    """After the dataset was written: the pending index becomes current, unused entries go."""
+def cached_image(cfg: IngestConfig, entry: str) -> np.ndarray | None:
+    """The image of a cache entry, or None when the entry is gone or unreadable."""
+    path = cache_folder(cfg) / ENTRIES / entry[:2] / f"{entry}.pkl"
+    try:
+        with path.open("rb") as fh:
+            _meta, result = pickle.load(fh)
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
+        return None
+    image = getattr(result, "image", None)
+    return image if isinstance(image, np.ndarray) else None
+
+
+Stored = tuple[int, int, int]
+
+
+def stored_stat(path: Path) -> Stored | None:
+    """Size, mtime and inode of an output file (its ctime changes when it is linked)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def written_shards(cfg: IngestConfig) -> dict[str, dict[str, Any]]:
+    """The image shards the last successful run wrote, by the digest of their entries.
+
+    Each: ``file`` (below the output's ``images/``), ``md5`` and ``stat``
+    (:func:`stored_stat` when it was written). A shard is only reused while its file still
+    has that stat: a checkout or an edit of the output gives it another one.
+    """
+    index = _read_json(cache_folder(cfg) / INDEX_NAME) if cfg.incremental else None
+    shards = (index or {}).get("shards")
+    return shards if isinstance(shards, dict) else {}
+
+
+def commit(cfg: IngestConfig, shards: dict[str, dict[str, Any]] | None = None) -> None:
+    """After the dataset was written: the pending index becomes current, unused entries go.
+
+    Args:
+        cfg: the ingest settings (where the cache is).
+        shards: the dataset's image shards as written (see :func:`written_shards`).
+    """
     folder = cache_folder(cfg)
     pending = folder / PENDING_NAME
     index = _read_json(pending)
     if index is None:
         return
-    pending.replace(folder / INDEX_NAME)
-    used = {f"{e['entry']}.pkl" for e in index["files"].values() if e.get("entry")}
-    for path in (folder / ENTRIES).glob("*/*.pkl"):
-        if path.name not in used:
+    index = {**index, "shards": shards or {}}
+    last = _read_json(folder / INDEX_NAME)
+    _write_json(folder / INDEX_NAME, index)
+    pending.unlink(missing_ok=True)
+    pack = folder / PENDING_PACK_NAME
+    if pack.exists():
+        pack.replace(folder / PACK_NAME)
+    else:
+        (folder / PACK_NAME).unlink(missing_ok=True)
+    used = {e["entry"] for e in index["files"].values() if e.get("entry")}
+    if last is not None and not index.get("sweep"):
+        # Only the last run's entries that this run no longer uses: listing every entry
+        # costs more than a night's work on a large archive.
+        gone = {e.get("entry") for e in last.get("files", {}).values()} - used - {None}
+        for entry in gone:
+            (folder / ENTRIES / entry[:2] / f"{entry}.pkl").unlink(missing_ok=True)
+        return
+    for path in (folder / ENTRIES).glob("*/*.pkl"):  # first run, or after a dead one
+        if path.stem not in used:
             path.unlink(missing_ok=True)

@@ -226,7 +226,10 @@ def load_labels(path: Path) -> LabelTable:
     unknown = [c for c in frame.columns if c not in REQUIRED_COLUMNS and c not in OPTIONAL_COLUMNS]
     parsed: dict[str, list[LabelRow | str]] = {}
     no_uid = 0
-    for cells in frame[[*REQUIRED_COLUMNS, *optional]].to_dict("records"):
+    names = [*REQUIRED_COLUMNS, *optional]
+    columns = [frame[c].tolist() for c in names]  # plain lists: to_dict() boxes every cell
+    for values in zip(*columns, strict=True):
+        cells = dict(zip(names, values, strict=True))
         uid = cells["study_uid"].strip()
         if not uid:
             no_uid += 1

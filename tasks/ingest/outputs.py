@@ -1,10 +1,13 @@
 """Write the processed dataset and the quarantine, each atomically.
 
 Processed output (versioned by DVC, logged to MLflow, no identity):
-    images.npy          float16 (N, 2, rows, cols); channel 0 anterior, 1 posterior (as
-                        displayed: posterior mirrored), intensity in [0, 1]. np.load(...,
-                        mmap_mode="r") maps it without reading it.
-    manifest.parquet    one row per image; ``index`` is the row in images.npy.
+    images/             float16 (N, 2, rows, cols); channel 0 anterior, 1 posterior (as
+                        displayed: posterior mirrored), intensity in [0, 1], in shards
+                        (shards.json + <md5>.npy, cut by the rows' keyed file ids: a night's
+                        new files rewrite only the shards they fall in; unchanged shards
+                        are hard-linked from the last output). Read with
+                        tasks.artifacts.dataset.open_images (memory-mapped).
+    manifest.parquet    one row per image; ``index`` is the row in the image array.
     headers.jsonl       line i: the de-identified DICOM header of image i (DICOM JSON model,
                         no pixel data), for audits.
     ingest_report.json  counts, quarantined files (named by their copies in the quarantine,
@@ -20,10 +23,13 @@ Quarantine (never versioned: holds identity): see tasks/ingest/quarantine.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from tasks.artifacts import dataset
 from tasks.artifacts.dvc_hash import dvc_dir_hash
@@ -31,7 +37,7 @@ from tasks.common.atomic import atomic_dir, atomic_write_text
 from tasks.common.montage import write_montage
 from tasks.common.stage_metrics import stage_metrics_path
 from tasks.config import Config, IngestConfig
-from tasks.ingest.cache import cache_folder
+from tasks.ingest.cache import cache_folder, stored_stat, written_shards
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.errors import IngestError
 from tasks.ingest.pseudonym import Pseudonymizer
@@ -40,6 +46,7 @@ from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 from tasks.ingest.truth import load_masks
 
 REPORT_NAME = "ingest_report.json"
+HEADERS_NAME = "headers.jsonl"
 METRICS_NAME = "ingest_metrics.json"
 
 
@@ -86,18 +93,48 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         "strict": cfg.strict,
         "truth": truth,
     }
+    images = assembled.images
+    names = Pseudonymizer(plan.key)
+    bounds = dataset.shard_bounds([names.file_id(r.relpath) for r in images.results],
+                                  int(np.prod(images.shape[1:])) * images.dtype.itemsize)
+    last = written_shards(cfg)
+
+    def existing(start: int, end: int) -> Path | None:
+        """The last output's file of exactly these rows, while it is unchanged."""
+        found = last.get(images.signature(start, end) or "")
+        if found is None:
+            return None
+        path = output / dataset.IMAGES_DIR / str(found.get("file"))
+        if list(stored_stat(path) or ()) != list(found.get("stat") or [None]):
+            return None
+        return path
+
     with atomic_dir(output) as tmp:
-        # The images' MD5 comes from memory while they are written (the DVC hash below).
-        images_md5 = dataset.write_dataset(tmp, assembled.images, assembled.manifest)
+        # Each new shard's MD5 comes from memory as it is written (the DVC hash below).
+        shards = dataset.write_image_shards(tmp, images.shape, bounds, images.rows, existing)
+        assembled.manifest.to_parquet(tmp / dataset.MANIFEST_FILE, index=False)
         if masks is not None:
             dataset.write_masks(tmp, masks)
-        with (tmp / "headers.jsonl").open("w", encoding="utf-8") as fh:
-            for header in assembled.headers:
-                fh.write(header + "\n")
-        write_montage(assembled.images, assembled.manifest, tmp / "montage.png",
+        # Hashed from memory as it is written (the DVC hash below; it is most of the bytes
+        # a night writes besides the new shards).
+        headers = "".join(h + "\n" for h in assembled.headers).encode("utf-8")
+        (tmp / HEADERS_NAME).write_bytes(headers)
+        headers_md5 = hashlib.md5(headers, usedforsecurity=False).hexdigest()
+        # From the shards just written (memory-mapped), not the cache entries: a night's
+        # montage reads a few dozen rows, most of them in shards that were only linked.
+        write_montage(dataset.open_images(tmp), assembled.manifest, tmp / "montage.png",
                       cache=cache_folder(cfg) if cfg.incremental else None)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        known = {dataset.IMAGES_FILE: images_md5} if images_md5 else {}
+    known = {f"{dataset.IMAGES_DIR}/{s.file}": s.md5 for s in shards}
+    known[HEADERS_NAME] = headers_md5
+    # What the next night may link instead of writing: each shard by what its rows are.
+    written: dict[str, dict[str, object]] = {}
+    for (start, end), shard in zip(bounds, shards, strict=True):
+        signature = images.signature(start, end)
+        if signature is not None:
+            stat = stored_stat(output / dataset.IMAGES_DIR / shard.file)
+            written[signature] = {"file": shard.file, "md5": shard.md5,
+                                  "stat": list(stat) if stat else None}
     manifest = assembled.manifest
     return IngestResult(
         output=output,
@@ -113,6 +150,7 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         elapsed_seconds=round(time.perf_counter() - plan.started, 3),
         key_origin=plan.key.origin,
         manifest_dtypes={str(k): v.kind for k, v in manifest.dtypes.items()},
+        shards=written,
     )
 
 

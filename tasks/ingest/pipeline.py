@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tasks.config import IngestConfig
 from tasks.ingest.cache import (
     IngestCache,
     cache_folder,
+    cached_image,
     check_removed,
     chunk_task,
     commit,
@@ -32,6 +34,7 @@ from tasks.ingest.cache import (
     plain,
 )
 from tasks.ingest.errors import IngestError
+from tasks.ingest.images import RowImages
 from tasks.ingest.labels import load_labels
 from tasks.ingest.outputs import write_dataset
 from tasks.ingest.parallel import PoolStart, resolve_workers, run_here, run_pool
@@ -282,6 +285,27 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0].split("=")[0].strip()
 
 
+def _image_loader(plan: IngestPlan) -> Callable[[FileResult], np.ndarray]:
+    """Reads a cached result's image from its entry; processes the file again if it is gone.
+
+    Why the fallback: the pack said the entry exists, but a cache folder can be pruned by
+    hand between runs; the file is still in the archive, and its result does not change.
+    """
+    def load(result: FileResult) -> np.ndarray:
+        image = cached_image(plan.cfg, result.cache_entry) if result.cache_entry else None
+        if image is None:
+            log.warning("a cached image is missing from %s; processing its file again",
+                        cache_folder(plan.cfg))
+            again = run_here([result.relpath], worker_context(plan))[result.relpath]
+            if again.image is None:
+                raise IngestError(f"{Path(plan.cfg.source) / result.relpath}: its cached image "
+                                  f"is gone and processing it again failed ({again.reason})")
+            image = again.image
+        return image
+
+    return load
+
+
 def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
     """Order, de-duplicate, split and count the per-file results.
 
@@ -304,8 +328,7 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
                          plan.labels.optional_columns)
     internal, internal_source = _internal_site(plan, manifest["site"])
     manifest["split"] = assign_splits(manifest, internal, plan.cfg.split).astype(str).to_numpy()
-    images = np.stack([r.image for r in good if r.image is not None]).astype(np.float16,
-                                                                             copy=False)
+    images = RowImages(good, (2, plan.cfg.image_rows, plan.cfg.image_cols), _image_loader(plan))
     matched = {r.label_uid for r in ordered if r.label_uid}
     label_uids = set(plan.labels.rows) | set(plan.labels.problems)
     label = manifest["amyloid"].map({True: "amyloid", False: "no-amyloid"}) + "/" + manifest[
@@ -366,7 +389,8 @@ def finish(plan: IngestPlan, results: dict[str, FileResult]) -> IngestResult:
     result.reused = pending_run(plan.cfg)["reused"]
     archive = assembled.report.get("archive") or {}
     result.archive_digest = archive.get("dvc_hash")
-    commit(plan.cfg)  # the dataset is written: this run's cache index becomes the current one
+    # The dataset is written: this run's cache index (and its shards) become the current ones.
+    commit(plan.cfg, result.shards)
     return result
 
 

@@ -8,6 +8,7 @@ join the right group, DVC outputs are reproducible) and another key gives unrela
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -95,6 +96,16 @@ def resolve_key(cfg: IngestConfig) -> PseudonymKey:
     raise IngestError(f"no pseudonymisation key for {cfg.labels}: {_key_help(cfg)}")
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _keyed_mac(secret: bytes, message: str) -> bytes:
+    """HMAC-SHA256 of ``message``, remembered for the life of the process (memory only).
+
+    Why: a run names each file in several steps (the cache, the splits, the shards), with
+    several Pseudonymizers of one key; they share this memo.
+    """
+    return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).digest()
+
+
 class Pseudonymizer:
     """Derive every pseudonymous value from one key, with a separate domain per use."""
 
@@ -103,8 +114,7 @@ class Pseudonymizer:
         self._uid_cache: dict[str, str] = {}
 
     def _mac(self, domain: str, *parts: str) -> bytes:
-        message = "\x1f".join((domain, *parts)).encode("utf-8")
-        return hmac.new(self._secret, message, hashlib.sha256).digest()
+        return _keyed_mac(self._secret, "\x1f".join((domain, *parts)))
 
     def digest(self, domain: str, *parts: str) -> str:
         """A keyed hex digest of ``parts`` in a ``domain`` of its own.

@@ -115,6 +115,9 @@ class FileResult:
     # For a duplicate: the path of the file it repeats. Paths may hold identity, so this goes
     # to the quarantine's own reasons.json only (tasks/ingest/quarantine.py), never a report.
     duplicate_of: str | None = field(default=None, repr=False)
+    # The ingest cache's entry holding this result (a keyed digest, no identity): where its
+    # image is read from when a cached result comes without it (tasks/ingest/cache.py).
+    cache_entry: str | None = None
 
     @property
     def ok(self) -> bool:

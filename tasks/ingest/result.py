@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from tasks.config import IngestConfig
+from tasks.ingest.images import RowImages
 from tasks.ingest.labels import LabelTable
 from tasks.ingest.provenance import PhantomInfo
 from tasks.ingest.pseudonym import PseudonymKey
@@ -35,7 +35,7 @@ class IngestPlan:
 class Assembled:
     """The processed dataset in memory, before it is written."""
 
-    images: np.ndarray
+    images: RowImages  # read lazily: most come from the last output's shards
     manifest: pd.DataFrame
     headers: list[str]
     quarantined: list[FileResult]
@@ -69,6 +69,9 @@ class IngestResult:
     archive_digest: str | None = None
     # Files whose cached result was reused (incremental ingest, tasks/ingest/cache.py).
     reused: int = 0
+    # The image shards written, by what their rows are (tasks/ingest/cache.py: the next
+    # night links those it still needs from this output instead of writing them).
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def describe(self) -> str:
         """A short human summary: counts, time, output, quarantine, report and metrics paths.
