@@ -27,7 +27,7 @@ run: setup
 	@echo
 	@echo "Outputs:"
 	@echo "  raw DICOM archive + labels : data/raw/ (montage: data/raw/montage.png)"
-	@echo "  processed dataset          : data/processed/ (manifest.parquet, images.npy)"
+	@echo "  processed dataset          : data/processed/ (manifest.parquet, images/, headers/)"
 	@echo "  ingest report              : data/processed/ingest_report.json"
 	@echo "  diffusion model            : data/diffusion/model.pt (registered in MLflow)"
 	@echo "  synthetic dataset          : data/synthetic/ (montage.png, dicom/)"

@@ -21,6 +21,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from tasks.artifacts.dataset import open_images
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     manifest = pd.read_parquet(args.processed / "manifest.parquet")
-    images = np.load(args.processed / "images.npy", mmap_mode="r")
+    images = open_images(args.processed)
     pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(np.asarray(images, np.float32)), 4)
     x = pooled.reshape(len(manifest), -1).numpy()
     rng = np.random.default_rng(args.seed)

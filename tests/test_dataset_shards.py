@@ -14,8 +14,10 @@ from tasks.artifacts.dataset import (
     ShardedImages,
     open_dataset,
     open_images,
+    read_headers,
     shard_bounds,
     stored_size,
+    write_header_shards,
     write_image_shards,
 )
 
@@ -67,6 +69,16 @@ def test_written_shards_read_back_like_an_array(tmp_path: Path) -> None:
     with pytest.raises(IndexError, match="out of range"):
         read[[0, 40]]
     assert stored_size(tmp_path) == (6, 4)
+
+
+def test_header_shards_read_back_in_row_order(tmp_path: Path) -> None:
+    lines = [json.dumps({"row": i}) for i in range(23)]
+    bounds = shard_bounds([f"key-{i}" for i in range(23)], row_bytes=1, target_bytes=4)
+    shards = write_header_shards(tmp_path, bounds, lambda a, b: lines[a:b])
+    assert len(shards) == len(bounds) > 2 and read_headers(tmp_path) == lines
+    (tmp_path / "headers" / shards[0].file).write_text("")  # its lines lost
+    with pytest.raises(DatasetError, match=f"{shards[0].file}: 0 lines, the index says"):
+        read_headers(tmp_path)
 
 
 def test_a_missing_or_wrong_shard_is_named(tmp_path: Path) -> None:

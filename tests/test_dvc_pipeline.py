@@ -26,12 +26,15 @@ def test_dvc_yaml_declares_phantom_and_ingest():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert spec["phantom"]["outs"] == ["data/raw", "data/truth"]  # truth: the finding masks
     assert {"data/raw", "data/truth"} <= set(spec["ingest"]["deps"])
-    assert spec["ingest"]["outs"] == ["data/processed"]
+    # Persisted: DVC must not delete the last dataset before a night links its shards.
+    assert spec["ingest"]["outs"] == [{"data/processed": {"persist": True}}]
     assert spec["ingest"]["params"] == ["profile", "ingest"]
     order = ["phantom", "ingest", "train_diffusion", "synthesize", "audit"]
     assert [name for name in spec if name != "drift"][:5] == order  # drift: beside them
     for before, after in zip(order[1:-1], order[2:], strict=True):
-        assert spec[before]["outs"][0] in spec[after]["deps"]  # the DAG is declared by files
+        out = spec[before]["outs"][0]
+        out = out if isinstance(out, str) else next(iter(out))  # {path: {options}}
+        assert out in spec[after]["deps"]  # the DAG is declared by files
     assert "reports/audit_metrics.json" in str(spec["audit"]["metrics"])
 
 

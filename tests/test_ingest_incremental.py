@@ -84,7 +84,8 @@ def test_first_night_fills_the_cache(night: dict, nightly: IngestConfig) -> None
     assert result.reused == 0 and result.ingested == len(night["files"]) - HELD_BACK
     entries = list((cache_folder(nightly) / "entries").glob("*/*.pkl"))
     assert len(entries) == result.files_total
-    blob = b"".join(p.read_bytes() for p in entries)
+    folder = cache_folder(nightly)
+    blob = b"".join(p.read_bytes() for p in [*entries, folder / "pack.pkl", folder / INDEX_NAME])
     secrets = [KEY, str(night["archive"]), *night["files"], *night["labels"]["patient_id"],
                *night["labels"]["study_uid"]]
     assert not [s for s in secrets if s.encode() in blob]  # no identity, no key in the cache
@@ -229,10 +230,9 @@ def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
                             image_rows=48, image_cols=16, workers=1,
                             key_file=tmp_path / "key.txt", internal_site="aurelia")
 
-    def shards(output: Path) -> dict[str, int]:
-        index = json.loads((output / "images" / "shards.json").read_text())
-        return {s["file"]: (output / "images" / s["file"]).stat().st_ino
-                for s in index["shards"]}
+    def shards(output: Path, kind: str = "images") -> dict[str, int]:
+        index = json.loads((output / kind / "shards.json").read_text())
+        return {s["file"]: (output / kind / s["file"]).stat().st_ino for s in index["shards"]}
 
     def equals_full(digest: str, name: str) -> bool:
         full = config(tmp_path / name)
@@ -243,8 +243,8 @@ def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
     late = sorted(archive.rglob("*.dcm"))[5]
     late.rename(tmp_path / "late.dcm")
     run_ingest(project)
-    before = shards(output)
-    assert len(before) >= 4
+    before, before_headers = shards(output), shards(output, "headers")
+    assert len(before) >= 4 and len(before_headers) == len(before)
 
     late.parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "late.dcm").rename(late)  # night 2: one new file
@@ -252,6 +252,8 @@ def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
     after = shards(output)
     linked = {f for f in after if before.get(f) == after[f]}
     assert len(after) - len(linked) <= 2 and len(linked) >= len(before) - 2
+    headers = shards(output, "headers")
+    assert len({f for f in headers if before_headers.get(f) == headers[f]}) == len(linked)
     assert equals_full(grown.digest, "full-1")
 
     # An edited shard (another mtime) is not trusted: it is written again, from the cache.

@@ -21,7 +21,7 @@ from test_ingest_helpers import (
     crash_on_marked_file,
 )
 
-from tasks.artifacts.dataset import ShardedImages, open_images
+from tasks.artifacts.dataset import ShardedImages, open_images, read_headers
 from tasks.artifacts.dvc_hash import dvc_dir_hash
 from tasks.ingest.errors import IngestError
 from tasks.ingest.parallel import CRASH_REASON, run_pool
@@ -144,7 +144,7 @@ def test_outputs_format(archive: Archive, ingested) -> None:
     assert "notes" not in manifest.columns and "patient_id" not in manifest.columns
     assert (manifest["amyloid"] == (manifest["perugini_grade"] >= 2)).all()
     assert manifest["study_uid"].str.startswith("2.25.").all()
-    headers = (output / "headers.jsonl").read_text().splitlines()
+    headers = read_headers(output)
     assert len(headers) == len(manifest)
     for line, (_, row) in zip(headers, manifest.iterrows(), strict=True):
         header = json.loads(line)
@@ -205,7 +205,7 @@ def test_no_patient_in_two_splits(ingested) -> None:
 def test_dates_shifted_consistently_per_patient(archive: Archive, ingested) -> None:
     _, output = ingested
     manifest = pd.read_parquet(output / "manifest.parquet")
-    headers = [json.loads(line) for line in (output / "headers.jsonl").read_text().splitlines()]
+    headers = [json.loads(line) for line in read_headers(output)]
     by_uid = {s.study_uid: s for s in archive.good}
     shifts: dict[str, set[int]] = {}
     for study, header in zip(sorted(archive.good, key=lambda s: s.relpath), headers,
@@ -229,8 +229,9 @@ def test_pseudonyms_stable_per_key_and_uids_consistent(archive: Archive, ingeste
     second = pd.read_parquet(Path(again.output) / "manifest.parquet")
     pd.testing.assert_frame_equal(first, second)
     # Same bytes with one worker as with two: the output does not depend on scheduling.
-    for name in ("images/shards.json", "manifest.parquet", "headers.jsonl"):
+    for name in ("images/shards.json", "manifest.parquet", "headers/shards.json"):
         assert (output / name).read_bytes() == (Path(again.output) / name).read_bytes()
+    assert read_headers(output) == read_headers(again.output)
     np.testing.assert_array_equal(np.asarray(open_images(output)),
                                   np.asarray(open_images(again.output)))
     other_key = tmp_path / "other.key"

@@ -49,3 +49,28 @@ def test_without_cache_nothing_is_kept(tmp_path: Path) -> None:
     montage.write_montage(images, manifest, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
     assert list(tmp_path.iterdir()) == [tmp_path / "m.png"]
+
+
+def test_rows_named_by_keys_find_the_cached_picture_without_reading_an_image(
+        tmp_path: Path) -> None:
+    images, manifest = _data()
+    cache, keys = tmp_path / "cache", ["k0", "k1", "k2", "k3"]
+    montage.write_montage(images, manifest, tmp_path / "first.png", cache=cache, row_keys=keys)
+
+    class Unread:
+        shape = images.shape
+
+        def __getitem__(self, index: object) -> np.ndarray:
+            raise AssertionError("an image was read although its key names a cached picture")
+
+    montage.write_montage(Unread(), manifest, tmp_path / "again.png", cache=cache,
+                          row_keys=keys)
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "first.png").read_bytes()
+    images[1, 0, 3, 2] = 0.5  # with a new key for that row: a new picture, drawn
+    montage.write_montage(images, manifest, tmp_path / "changed.png", cache=cache,
+            row_keys=["k0", "k1*", "k2", "k3"])
+    assert (tmp_path / "changed.png").read_bytes() != (tmp_path / "first.png").read_bytes()
+    # A row without a key: named by pixels, as without keys (same picture as without keys).
+    montage.write_montage(images, manifest, tmp_path / "pixels.png", cache=cache,
+                          row_keys=["k0", None, "k2", "k3"])
+    assert (tmp_path / "pixels.png").read_bytes() == (tmp_path / "changed.png").read_bytes()

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,16 +54,19 @@ from tasks.artifacts.json_file import read_json_object
 
 SYNTHESIS_FILE = "synthesis.json"
 
+HEADERS_DIR = "headers"
+HEADER_SHARDS_FORMAT = "synthdx-header-shards/1"
 SHARD_BYTES = 1 << 18
 """The mean size a shard is cut to: small enough that a night's few new studies rewrite
 little, large enough that a big archive is not tens of thousands of files."""
 
 __all__ = [
-    "IMAGES_DIR", "IMAGES_FILE", "MANIFEST_FILE", "MASKS_FILE", "SHARDS_FILE", "SYNTHESIS_FILE",
+    "HEADERS_DIR", "IMAGES_DIR", "IMAGES_FILE", "MANIFEST_FILE", "MASKS_FILE", "SHARDS_FILE",
+    "SYNTHESIS_FILE",
     "DatasetError", "DatasetMissing", "ImageArray", "ShardedImages", "StoredShard", "has_dataset",
     "has_images", "images_location", "open_dataset", "open_images", "read_manifest", "read_masks",
-    "read_synthesis", "shard_bounds", "stored_size", "write_dataset", "write_image_shards",
-    "write_masks", "write_synthesis",
+    "read_headers", "read_synthesis", "shard_bounds", "stored_size", "write_dataset",
+    "write_header_shards", "write_image_shards", "write_masks", "write_synthesis",
 ]
 
 
@@ -150,8 +154,7 @@ def shard_bounds(keys: Sequence[str], row_bytes: int, target_bytes: int | None =
     bounds: list[tuple[int, int]] = []
     start = 0
     for i, key in enumerate(keys):
-        digest = hashlib.md5(str(key).encode("utf-8"), usedforsecurity=False).digest()
-        if i + 1 - start >= 4 * mean or int.from_bytes(digest[:4], "big") % mean == 0:
+        if i + 1 - start >= 4 * mean or zlib.crc32(str(key).encode("utf-8")) % mean == 0:
             bounds.append((start, i + 1))
             start = i + 1
     if start < len(keys):
@@ -183,20 +186,22 @@ def _write_shard(folder: Path, array: np.ndarray) -> StoredShard:
     return StoredShard(file=path.name, rows=int(array.shape[0]), md5=digest)
 
 
-def _link_shard(folder: Path, existing: Path, rows: int) -> StoredShard:
+def _link_shard(folder: Path, existing: str | Path, rows: int) -> StoredShard:
     """Bring an identical shard of an earlier output in: a hard link, else a copy."""
-    path = folder / existing.name
-    if not path.exists():
-        try:
-            os.link(existing, path)
-        except OSError:  # another filesystem, or links not allowed
-            shutil.copyfile(existing, path)
-    return StoredShard(file=path.name, rows=rows, md5=existing.stem)
+    name = os.path.basename(existing)
+    path = os.path.join(folder, name)
+    try:
+        os.link(existing, path)
+    except FileExistsError:  # two shards with the same bytes are one file
+        pass
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(existing, path)
+    return StoredShard(file=name, rows=rows, md5=name.rsplit(".", 1)[0])
 
 
 def write_image_shards(folder: Path, shape: tuple[int, ...], bounds: Sequence[tuple[int, int]],
                        rows_of: Callable[[int, int], np.ndarray],
-                       existing: Callable[[int, int], Path | None] | None = None,
+                       existing: Callable[[int, int], str | Path | None] | None = None,
                        dtype: Any = np.float16) -> list[StoredShard]:
     """Write ``images/`` (shards and shards.json) into a dataset folder being built.
 
@@ -218,24 +223,101 @@ def write_image_shards(folder: Path, shape: tuple[int, ...], bounds: Sequence[tu
     images.mkdir()
     dtype = np.dtype(dtype)
 
-    def one(bound: tuple[int, int]) -> StoredShard:
+    def write(bound: tuple[int, int]) -> StoredShard:
         start, end = bound
-        found = existing(start, end) if existing is not None else None
-        if found is not None:
-            return _link_shard(images, found, end - start)
         array = np.asarray(rows_of(start, end), dtype=dtype)
         if array.shape != (end - start, *shape[1:]):
             raise ValueError(f"rows {start}:{end} gave images of shape {array.shape}, "
                              f"expected {(end - start, *shape[1:])}")
         return _write_shard(images, array)
 
+    shards: list[StoredShard | None] = []
+    todo: list[int] = []
+    for k, (start, end) in enumerate(bounds):  # links here: a thread per link costs more
+        found = existing(start, end) if existing is not None else None
+        shards.append(_link_shard(images, found, end - start) if found is not None else None)
+        if found is None:
+            todo.append(k)
     # Hashing and writing release the GIL: two shards at a time use both cores of a small VM.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        shards = list(pool.map(one, bounds))
+        for k, shard in zip(todo, pool.map(write, [bounds[k] for k in todo]), strict=True):
+            shards[k] = shard
+    done = [s for s in shards if s is not None]
     index = {"format": SHARDS_FORMAT, "shape": [int(v) for v in shape], "dtype": dtype.name,
-             "shards": [{"file": s.file, "rows": s.rows} for s in shards]}
+             "shards": [{"file": s.file, "rows": s.rows} for s in done]}
     (images / SHARDS_FILE).write_text(json.dumps(index, indent=0) + "\n", encoding="utf-8")
+    return done
+
+
+def write_header_shards(folder: Path, bounds: Sequence[tuple[int, int]],
+                        lines_of: Callable[[int, int], Sequence[str]],
+                        existing: Callable[[int, int], str | Path | None] | None = None
+                        ) -> list[StoredShard]:
+    """Write ``headers/`` (one JSON line per row, cut like the images) into a dataset folder.
+
+    Why cut like the images: the headers are a tenth of a processed dataset's bytes and,
+    in one file, would be rewritten and re-hashed whole for a night's few new files.
+
+    Args:
+        folder: an existing (temporary) dataset folder; ``headers/`` is created in it.
+        bounds: the row ranges, as the images' shards.
+        lines_of: the header lines (no newline) of rows ``start:end``.
+        existing: an earlier output's file of exactly these rows, or None (as for images).
+
+    Returns:
+        The shards in order (each named by its MD5 + .jsonl).
+    """
+    target = Path(folder) / HEADERS_DIR
+    target.mkdir()
+    shards: list[StoredShard] = []
+    for start, end in bounds:
+        found = existing(start, end) if existing is not None else None
+        if found is not None:
+            shards.append(_link_shard(target, found, end - start))
+            continue
+        data = "".join(line + "\n" for line in lines_of(start, end)).encode("utf-8")
+        digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        path = target / f"{digest}.jsonl"
+        if not path.exists():
+            path.write_bytes(data)
+        shards.append(StoredShard(file=path.name, rows=end - start, md5=digest))
+    index = {"format": HEADER_SHARDS_FORMAT, "rows": sum(s.rows for s in shards),
+             "shards": [{"file": s.file, "rows": s.rows} for s in shards]}
+    (target / SHARDS_FILE).write_text(json.dumps(index, indent=0) + "\n", encoding="utf-8")
     return shards
+
+
+def read_headers(root: Path) -> list[str]:
+    """The de-identified DICOM header of every row of a processed dataset (JSON strings).
+
+    Raises:
+        DatasetMissing: the folder has no headers.
+        DatasetError: the index or a shard is unreadable, or the rows do not add up.
+    """
+    folder = Path(root) / HEADERS_DIR
+    index_path = folder / SHARDS_FILE
+    if not index_path.is_file():
+        legacy = Path(root) / "headers.jsonl"  # datasets written before the shards
+        if legacy.is_file():
+            return legacy.read_text(encoding="utf-8").splitlines()
+        raise DatasetMissing(f"{index_path}: missing; is {root} a processed dataset folder?")
+    try:
+        doc = read_json_object(index_path)
+        lines: list[str] = []
+        for shard in doc["shards"]:
+            part = (folder / str(shard["file"])).read_text(encoding="utf-8").splitlines()
+            if len(part) != int(shard["rows"]):
+                raise DatasetError(f"{folder / shard['file']}: {len(part)} lines, the index "
+                                   f"says {shard['rows']}")
+            lines.extend(part)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"{index_path}: unreadable header shards ({exc})") from exc
+    if len(lines) != int(doc.get("rows", -1)):
+        raise DatasetError(f"{index_path}: the shards hold {len(lines)} headers, the index "
+                           f"says {doc.get('rows')}")
+    return lines
 
 
 def open_dataset(root: Path, what: str, required: tuple[str, ...] = ()

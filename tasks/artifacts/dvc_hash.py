@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,13 +34,17 @@ def dvc_dir_hash(root: Path, known: Mapping[str, str] | None = None) -> str:
         known: MD5s the caller already computed, by relative POSIX path (a writer that
             hashed a large file while writing the others need not read it again).
     """
-    root = Path(root)
     known = known or {}
     listing = []
-    for p in root.rglob("*"):
-        if p.is_file():
-            relpath = p.relative_to(root).as_posix()
-            listing.append({"md5": known.get(relpath) or file_md5(p), "relpath": relpath})
+    # os.walk with strings: a sharded dataset has thousands of files, and pathlib's per-path
+    # objects and stat calls cost more than the hashing the known MD5s spare.
+    base = os.fspath(root)
+    for folder, _dirs, files in os.walk(base):
+        prefix = os.path.relpath(folder, base).replace(os.sep, "/")
+        for name in files:
+            relpath = name if prefix == "." else f"{prefix}/{name}"
+            md5 = known.get(relpath) or file_md5(Path(folder) / name)
+            listing.append({"md5": md5, "relpath": relpath})
     listing.sort(key=lambda entry: entry["relpath"])
     payload = json.dumps(listing, sort_keys=True).encode("utf-8")
     return hashlib.md5(payload, usedforsecurity=False).hexdigest() + ".dir"

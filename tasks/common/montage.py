@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,21 @@ def _digest(canvas: np.ndarray, captions: list[tuple[float, float, str]], title:
     return h.hexdigest()[:32]
 
 
+def _digest_keys(keys: list[str], shape: tuple[int, int],
+                 captions: list[tuple[float, float, str]], title: str) -> str:
+    """What the drawing depends on, when each image is named by a key of its content."""
+    import matplotlib
+
+    h = hashlib.sha256("\0".join(keys).encode())
+    h.update(repr((shape, captions, title, matplotlib.__version__)).encode())
+    return "k" + h.hexdigest()[:31]
+
+
 def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
                   per_site: int = 6, by: str = "site",
                   title: str = "processed images per site (anterior | posterior)",
-                  cache: Path | None = None) -> None:
+                  cache: Path | None = None, row_keys: Sequence[str | None] | None = None
+                  ) -> None:
     """Write a PNG grid: one row per site, anterior | posterior side by side per image.
 
     The grid is composed as one array and drawn once (one axes, text captions), which is
@@ -83,29 +95,51 @@ def write_montage(images: np.ndarray, manifest: pd.DataFrame, path: Path,
             same picture is asked for again it is copied instead of drawn. Why: drawing and
             PNG-encoding is half of an incremental ingest whose new files do not change the
             images shown (same bytes either way).
+        row_keys: what each row's image is, by position in ``images`` (ingest: its cache
+            entry, a digest of everything the image depends on). With a cache, the picture is
+            then named by the keys of the rows it shows instead of their pixels, so a cached
+            picture is found without reading a single image.
     """
     sites = list(dict.fromkeys(manifest[by])) if by != "site" else sorted(manifest[by].unique())
     ncols = max(1, min(per_site, int(manifest.groupby(by, sort=False).size().max())))
     rows_px, cols_px = images.shape[2], images.shape[3]
     cell_w, cell_h = 2 * cols_px + GAP + PAD, rows_px + PAD
-    canvas = np.zeros((len(sites) * cell_h, ncols * cell_w), dtype=np.float32)
+    shape = (len(sites) * cell_h, ncols * cell_w)
     captions: list[tuple[float, float, str]] = []
+    placed: list[tuple[int, int, int]] = []  # (top, left, index)
     by_index = manifest.set_index("index")
     for r, site in enumerate(sites):
         for c, index in enumerate(_pick(manifest[manifest[by] == site], per_site)):
             top, left = r * cell_h + PAD, c * cell_w + PAD // 2
-            pair = np.asarray(images[index], dtype=np.float32)
-            canvas[top:top + rows_px, left:left + cols_px] = pair[0]
-            canvas[top:top + rows_px, left + cols_px + GAP:left + 2 * cols_px + GAP] = pair[1]
+            placed.append((top, left, int(index)))
             row = by_index.loc[index]
             captions.append((left + cols_px + GAP / 2, top - 1,
                              (f"{site} ({row['split']}) " if by == "site" else "")
                              + f"{_label(row['perugini_grade'], 'P{}')} "
                              f"met {_label(row['metastasis'], '{}')}"))
-    cached = cache / f"{CACHE_PREFIX}{_digest(canvas, captions, title)}.png" if cache else None
+
+    def compose() -> np.ndarray:
+        canvas = np.zeros(shape, dtype=np.float32)
+        for top, left, index in placed:
+            pair = np.asarray(images[index], dtype=np.float32)
+            canvas[top:top + rows_px, left:left + cols_px] = pair[0]
+            canvas[top:top + rows_px, left + cols_px + GAP:left + 2 * cols_px + GAP] = pair[1]
+        return canvas
+
+    canvas: np.ndarray | None = None
+    keys = [k for _, _, i in placed if (k := row_keys[i])] if row_keys is not None else []
+    if cache is None:
+        digest = ""
+    elif row_keys is not None and len(keys) == len(placed):
+        digest = _digest_keys(keys, shape, captions, title)
+    else:
+        canvas = compose()
+        digest = _digest(canvas, captions, title)
+    cached = cache / f"{CACHE_PREFIX}{digest}.png" if cache else None
     if cached is not None and cached.is_file():
         shutil.copyfile(cached, path)
         return
+    canvas = compose() if canvas is None else canvas
     _draw(canvas, captions, title, path)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -24,17 +24,19 @@ between runs, outside the folder DVC replaces):
                             keyed digest. Pickle: the whole result object, whatever fields it
                             has. Trusted local data, written only by this module; never
                             copy a cache in from elsewhere.
-    pack.pkl                the last successful run's entries without their images, in one
-                            file: a night reads this (one file, no pixels) instead of every
-                            entry; an image is read from its entry only when the dataset
-                            shard it belongs to must be written again.
+    pack.pkl                the last successful run's entries without their images and
+                            headers, in one file: a night reads this (one small file) instead
+                            of every entry; an image or header is read from its entry only
+                            when the shard it belongs to must be written again and the last
+                            output's copy of it cannot be trusted.
     index.json              the last successful run's files: keyed path id -> stat, MD5,
-                            entry; and the dataset's image shards it wrote: the digest of
-                            the entries a shard holds -> file, MD5, stat (size, mtime,
-                            inode), so an unchanged shard is linked from the last output
-                            instead of written and hashed again. The pending run's index and
-                            pack (*.pending.*) replace them only after the dataset was
-                            written.
+                            entry. The pending run's index and pack (*.pending.*) replace
+                            them only after the dataset was written.
+    shards.json             the dataset shards the last successful run wrote, by the digest
+                            of the entries they hold: the entries, and per kind (images,
+                            headers) file, MD5 and stat (size, mtime, inode), so an
+                            unchanged shard is linked from the last output instead of
+                            written and hashed again (tasks/ingest/last_output.py).
     in-process.json         present only while a run processes its few new files in its own
                             process (``ingest.pool_min_files``), by keyed path id. Found by
                             the next run, it means that run died there (a decoder crash, the
@@ -74,6 +76,7 @@ CACHE_VERSION = 1
 INDEX_NAME = "index.json"
 PENDING_NAME = "index.pending.json"
 PACK_NAME = "pack.pkl"
+SHARDS_NAME = "shards.json"
 PENDING_PACK_NAME = "pack.pending.pkl"
 JOURNAL_NAME = "in-process.json"
 ENTRIES = "entries"
@@ -86,7 +89,7 @@ _TRANSIENT = (CRASH_REASON, "file is too large to process in memory", "unexpecte
 Stat = tuple[int, int, int, int]
 
 
-def file_stat(path: Path) -> Stat | None:
+def file_stat(path: str | Path) -> Stat | None:
     """Size, mtime, ctime and inode: the file is taken as unchanged while all four are."""
     try:
         st = os.stat(path)
@@ -311,9 +314,10 @@ class IngestCache:
         if not self.enabled or not self.previous:
             return None
         count = 0
+        source = os.fspath(self.source)
         for relpath in relpaths:
             known = self.previous.get(self.names.file_id(relpath))
-            stat = self._stats[relpath] = file_stat(self.source / relpath)
+            stat = self._stats[relpath] = file_stat(os.path.join(source, relpath))
             if known is None or list(known["stat"]) != list(stat or ()):
                 count += 1
         return count
@@ -367,13 +371,14 @@ class IngestCache:
         known = self.previous.get(file_id)
         if known is None:
             return None
-        path = self.source / relpath
         # The stat changed() took moments ago (taken once per file); the MD5 below is read
         # only when it differs from the last run's, as DVC does.
-        stat = self._stats.pop(relpath) if relpath in self._stats else file_stat(path)
+        stat = (self._stats.pop(relpath) if relpath in self._stats
+                else file_stat(self.source / relpath))
         if stat is None:
             return None
-        md5 = known["md5"] if list(known["stat"]) == list(stat) else file_md5(path)
+        md5 = (known["md5"] if list(known["stat"]) == list(stat)
+               else file_md5(self.source / relpath))
         if md5 is None:
             return None
         entry = self._entry_key(file_id, md5)
@@ -427,9 +432,11 @@ class IngestCache:
         tmp.replace(path)
 
     def _pack_entry(self, entry: str, meta: dict[str, Any], result: FileResult) -> None:
-        """Keep an entry, without its image, for this run's pack."""
-        light = plain(result)
-        light.image = None
+        """Keep an entry, without its image and header (most of its bytes), for the pack."""
+        light = result
+        if result.image is not None or result.header is not None:
+            light = plain(result)
+            light.image = light.header = None
         self.packed[entry] = (meta, light)
 
     def md5s(self, relpaths: list[str]) -> dict[str, str | None]:
@@ -462,22 +469,27 @@ def pending_run(cfg: IngestConfig) -> dict[str, Any]:
     return {"archive": index.get("archive"), "reused": int(index.get("reused", 0))}
 
 
-def cached_image(cfg: IngestConfig, entry: str) -> np.ndarray | None:
-    """The image of a cache entry, or None when the entry is gone or unreadable."""
+def cached_result(cfg: IngestConfig, entry: str) -> FileResult | None:
+    """The whole result of a cache entry (image and header too), or None.
+
+    None when the entry is gone, unreadable or incomplete.
+    """
     path = cache_folder(cfg) / ENTRIES / entry[:2] / f"{entry}.pkl"
     try:
         with path.open("rb") as fh:
             _meta, result = pickle.load(fh)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
         return None
-    image = getattr(result, "image", None)
-    return image if isinstance(image, np.ndarray) else None
+    if not isinstance(getattr(result, "image", None), np.ndarray) or not isinstance(
+            getattr(result, "header", None), str):
+        return None
+    return result
 
 
 Stored = tuple[int, int, int]
 
 
-def stored_stat(path: Path) -> Stored | None:
+def stored_stat(path: str | Path) -> Stored | None:
     """Size, mtime and inode of an output file (its ctime changes when it is linked)."""
     try:
         st = os.stat(path)
@@ -487,14 +499,15 @@ def stored_stat(path: Path) -> Stored | None:
 
 
 def written_shards(cfg: IngestConfig) -> dict[str, dict[str, Any]]:
-    """The image shards the last successful run wrote, by the digest of their entries.
+    """The shards the last successful run wrote, by the digest of their cache entries.
 
-    Each: ``file`` (below the output's ``images/``), ``md5`` and ``stat``
+    Each: ``entries`` (its rows' cache entries, in order) and per kind (``images``,
+    ``headers``: the folders in the output) ``file``, ``md5`` and ``stat``
     (:func:`stored_stat` when it was written). A shard is only reused while its file still
     has that stat: a checkout or an edit of the output gives it another one.
     """
-    index = _read_json(cache_folder(cfg) / INDEX_NAME) if cfg.incremental else None
-    shards = (index or {}).get("shards")
+    record = _read_json(cache_folder(cfg) / SHARDS_NAME) if cfg.incremental else None
+    shards = (record or {}).get("shards")
     return shards if isinstance(shards, dict) else {}
 
 
@@ -510,10 +523,10 @@ def commit(cfg: IngestConfig, shards: dict[str, dict[str, Any]] | None = None) -
     index = _read_json(pending)
     if index is None:
         return
-    index = {**index, "shards": shards or {}}
     last = _read_json(folder / INDEX_NAME)
-    _write_json(folder / INDEX_NAME, index)
-    pending.unlink(missing_ok=True)
+    # Either order is safe: a shard is reused only by its entries and its file's stat.
+    _write_json(folder / SHARDS_NAME, {"version": CACHE_VERSION, "shards": shards or {}})
+    pending.replace(folder / INDEX_NAME)
     pack = folder / PENDING_PACK_NAME
     if pack.exists():
         pack.replace(folder / PACK_NAME)

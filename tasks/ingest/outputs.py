@@ -8,8 +8,10 @@ Processed output (versioned by DVC, logged to MLflow, no identity):
                         are hard-linked from the last output). Read with
                         tasks.artifacts.dataset.open_images (memory-mapped).
     manifest.parquet    one row per image; ``index`` is the row in the image array.
-    headers.jsonl       line i: the de-identified DICOM header of image i (DICOM JSON model,
-                        no pixel data), for audits.
+    headers/            the de-identified DICOM header of every image (DICOM JSON model, no
+                        pixel data), for audits: one JSON line per image, in shards cut like
+                        the images' (shards.json + <md5>.jsonl; read them in order, or with
+                        tasks.artifacts.dataset.read_headers).
     ingest_report.json  counts, quarantined files (named by their copies in the quarantine,
                         never by path) and reasons, label and split statistics. No timings:
                         the same input gives the same bytes, so a rerun keeps the DVC hash
@@ -23,11 +25,11 @@ Quarantine (never versioned: holds identity): see tasks/ingest/quarantine.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,13 +42,13 @@ from tasks.config import Config, IngestConfig
 from tasks.ingest.cache import cache_folder, stored_stat, written_shards
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.errors import IngestError
+from tasks.ingest.last_output import LastShards
 from tasks.ingest.pseudonym import Pseudonymizer
 from tasks.ingest.quarantine import REASONS_NAME, write_quarantine
 from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 from tasks.ingest.truth import load_masks
 
 REPORT_NAME = "ingest_report.json"
-HEADERS_NAME = "headers.jsonl"
 METRICS_NAME = "ingest_metrics.json"
 
 
@@ -97,44 +99,40 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
     names = Pseudonymizer(plan.key)
     bounds = dataset.shard_bounds([names.file_id(r.relpath) for r in images.results],
                                   int(np.prod(images.shape[1:])) * images.dtype.itemsize)
-    last = written_shards(cfg)
-
-    def existing(start: int, end: int) -> Path | None:
-        """The last output's file of exactly these rows, while it is unchanged."""
-        found = last.get(images.signature(start, end) or "")
-        if found is None:
-            return None
-        path = output / dataset.IMAGES_DIR / str(found.get("file"))
-        if list(stored_stat(path) or ()) != list(found.get("stat") or [None]):
-            return None
-        return path
+    last = LastShards(output, written_shards(cfg))
+    images.prefer(last.image, last.header)
 
     with atomic_dir(output) as tmp:
         # Each new shard's MD5 comes from memory as it is written (the DVC hash below).
-        shards = dataset.write_image_shards(tmp, images.shape, bounds, images.rows, existing)
+        shards = dataset.write_image_shards(
+            tmp, images.shape, bounds, images.rows,
+            lambda start, end: last.shard(dataset.IMAGES_DIR, images, start, end))
+        header_shards = dataset.write_header_shards(
+            tmp, bounds, images.headers,
+            lambda start, end: last.shard(dataset.HEADERS_DIR, images, start, end))
         assembled.manifest.to_parquet(tmp / dataset.MANIFEST_FILE, index=False)
         if masks is not None:
             dataset.write_masks(tmp, masks)
-        # Hashed from memory as it is written (the DVC hash below; it is most of the bytes
-        # a night writes besides the new shards).
-        headers = "".join(h + "\n" for h in assembled.headers).encode("utf-8")
-        (tmp / HEADERS_NAME).write_bytes(headers)
-        headers_md5 = hashlib.md5(headers, usedforsecurity=False).hexdigest()
-        # From the shards just written (memory-mapped), not the cache entries: a night's
-        # montage reads a few dozen rows, most of them in shards that were only linked.
+        # Named by the shown rows' cache entries, a night's unchanged picture is copied
+        # without reading an image; a new one reads its rows from the shards just written.
         write_montage(dataset.open_images(tmp), assembled.manifest, tmp / "montage.png",
-                      cache=cache_folder(cfg) if cfg.incremental else None)
+                      cache=cache_folder(cfg) if cfg.incremental else None,
+                      row_keys=images.entries(0, len(images)))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     known = {f"{dataset.IMAGES_DIR}/{s.file}": s.md5 for s in shards}
-    known[HEADERS_NAME] = headers_md5
+    known.update({f"{dataset.HEADERS_DIR}/{s.file}": s.md5 for s in header_shards})
     # What the next night may link instead of writing: each shard by what its rows are.
-    written: dict[str, dict[str, object]] = {}
-    for (start, end), shard in zip(bounds, shards, strict=True):
+    def record(kind: str, shard: dataset.StoredShard) -> dict[str, Any]:
+        stat = last.linked_stat(kind, shard.file) or stored_stat(output / kind / shard.file)
+        return {"file": shard.file, "md5": shard.md5, "stat": list(stat or ())}
+
+    written: dict[str, dict[str, Any]] = {}
+    for (start, end), shard, header in zip(bounds, shards, header_shards, strict=True):
         signature = images.signature(start, end)
         if signature is not None:
-            stat = stored_stat(output / dataset.IMAGES_DIR / shard.file)
-            written[signature] = {"file": shard.file, "md5": shard.md5,
-                                  "stat": list(stat) if stat else None}
+            written[signature] = {"entries": images.entries(start, end),
+                                  dataset.IMAGES_DIR: record(dataset.IMAGES_DIR, shard),
+                                  dataset.HEADERS_DIR: record(dataset.HEADERS_DIR, header)}
     manifest = assembled.manifest
     return IngestResult(
         output=output,

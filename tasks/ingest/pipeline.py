@@ -8,6 +8,8 @@ run that fails.
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import json
 import logging
@@ -16,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,7 @@ from tasks.config import IngestConfig
 from tasks.ingest.cache import (
     IngestCache,
     cache_folder,
-    cached_image,
+    cached_result,
     check_removed,
     chunk_task,
     commit,
@@ -46,6 +48,8 @@ from tasks.ingest.result import SPLITS, Assembled, IngestPlan, IngestResult
 from tasks.ingest.split import assign_splits
 
 log = logging.getLogger("synthdx.ingest")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 BASE_COLUMNS = (
     "index", "pseudo_id", "study_uid", "site", "split", "perugini_grade", "amyloid",
@@ -67,19 +71,41 @@ def list_files(source: Path, labels: Path | None = None) -> list[str]:
     # Directory entries answer is_file() mostly without a stat, and only a file named like the
     # labels file is resolved: a nightly run lists the whole archive. Symlinked folders are
     # not entered (as before); an unreadable folder raises OSError.
-    pending = [(Path(source), "")]
+    # Paths stay strings here (pathlib costs more than the scan on a large archive).
+    pending = [(os.fspath(source), "")]
     while pending:
         folder, prefix = pending.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
-                    pending.append((Path(entry.path), f"{prefix}{entry.name}/"))
+                    pending.append((entry.path, f"{prefix}{entry.name}/"))
                 elif entry.is_file() and not (skip is not None and entry.name == skip.name
                                               and Path(entry.path).resolve() == skip):
                     found.append(prefix + entry.name)
     return sorted(found)
 
 
+def _collect_less(step: Callable[P, R]) -> Callable[P, R]:
+    """Run an ingest step with Python's cyclic garbage collector triggered less often.
+
+    Why: a step builds tens of thousands of long-lived objects (one result, record and
+    header per file) and few cycles; at the default threshold the collector walks all of
+    them again and again: 10-75 ms per nightly run on a 2,200-file archive, a sixth of the
+    run. The threshold is put back when the step ends.
+    """
+    @functools.wraps(step)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        threshold = gc.get_threshold()
+        gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
+        try:
+            return step(*args, **kwargs)
+        finally:
+            gc.set_threshold(*threshold)
+
+    return run
+
+
+@_collect_less
 def prepare(cfg: IngestConfig) -> IngestPlan:
     """Check the inputs, read the labels, find the key and list the files.
 
@@ -127,6 +153,7 @@ def worker_context(plan: IngestPlan) -> WorkerContext:
     )
 
 
+@_collect_less
 def process(plan: IngestPlan, workers: int | None = None) -> dict[str, FileResult]:
     """One result per file: from the cache where the file is unchanged, else processed.
 
@@ -285,23 +312,25 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0].split("=")[0].strip()
 
 
-def _image_loader(plan: IngestPlan) -> Callable[[FileResult], np.ndarray]:
-    """Reads a cached result's image from its entry; processes the file again if it is gone.
+def _full_result(plan: IngestPlan) -> Callable[[FileResult], FileResult]:
+    """Reads a result's image and header from its cache entry, or processes the file again.
 
     Why the fallback: the pack said the entry exists, but a cache folder can be pruned by
     hand between runs; the file is still in the archive, and its result does not change.
     """
-    def load(result: FileResult) -> np.ndarray:
-        image = cached_image(plan.cfg, result.cache_entry) if result.cache_entry else None
-        if image is None:
-            log.warning("a cached image is missing from %s; processing its file again",
+    def load(result: FileResult) -> FileResult:
+        if result.image is not None and result.header is not None:
+            return result
+        full = cached_result(plan.cfg, result.cache_entry) if result.cache_entry else None
+        if full is None:
+            log.warning("a cached result is missing from %s; processing its file again",
                         cache_folder(plan.cfg))
-            again = run_here([result.relpath], worker_context(plan))[result.relpath]
-            if again.image is None:
-                raise IngestError(f"{Path(plan.cfg.source) / result.relpath}: its cached image "
-                                  f"is gone and processing it again failed ({again.reason})")
-            image = again.image
-        return image
+            full = run_here([result.relpath], worker_context(plan))[result.relpath]
+            if full.image is None or full.header is None:
+                raise IngestError(f"{Path(plan.cfg.source) / result.relpath}: its cached "
+                                  f"result is gone and processing it again failed "
+                                  f"({full.reason})")
+        return full
 
     return load
 
@@ -328,7 +357,7 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
                          plan.labels.optional_columns)
     internal, internal_source = _internal_site(plan, manifest["site"])
     manifest["split"] = assign_splits(manifest, internal, plan.cfg.split).astype(str).to_numpy()
-    images = RowImages(good, (2, plan.cfg.image_rows, plan.cfg.image_cols), _image_loader(plan))
+    images = RowImages(good, (2, plan.cfg.image_rows, plan.cfg.image_cols), _full_result(plan))
     matched = {r.label_uid for r in ordered if r.label_uid}
     label_uids = set(plan.labels.rows) | set(plan.labels.problems)
     label = manifest["amyloid"].map({True: "amyloid", False: "no-amyloid"}) + "/" + manifest[
@@ -371,11 +400,11 @@ def assemble(plan: IngestPlan, results: dict[str, FileResult]) -> Assembled:
         "archive": pending_run(plan.cfg)["archive"],
     }
     return Assembled(images=images, manifest=manifest,
-                     headers=[r.header for r in good if r.header is not None],
                      quarantined=bad, internal_site=internal,
                      internal_site_source=internal_source, report=report)
 
 
+@_collect_less
 def finish(plan: IngestPlan, results: dict[str, FileResult]) -> IngestResult:
     """Assemble and write; when nothing is usable, still write the quarantine, then fail."""
     try:

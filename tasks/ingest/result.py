@@ -35,9 +35,8 @@ class IngestPlan:
 class Assembled:
     """The processed dataset in memory, before it is written."""
 
-    images: RowImages  # read lazily: most come from the last output's shards
+    images: RowImages  # images and headers, read lazily: most stay in the last output
     manifest: pd.DataFrame
-    headers: list[str]
     quarantined: list[FileResult]
     internal_site: str
     internal_site_source: str
