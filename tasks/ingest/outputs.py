@@ -42,6 +42,7 @@ from tasks.config import Config, IngestConfig
 from tasks.ingest.cache import cache_folder, stored_stat, written_shards
 from tasks.ingest.deid import DEID_METHOD, TABLE_VERSION
 from tasks.ingest.errors import IngestError
+from tasks.ingest.images import RowImages
 from tasks.ingest.last_output import LastShards
 from tasks.ingest.pseudonym import Pseudonymizer
 from tasks.ingest.quarantine import REASONS_NAME, write_quarantine
@@ -103,13 +104,7 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
     images.prefer(last.image, last.header)
 
     with atomic_dir(output) as tmp:
-        # Each new shard's MD5 comes from memory as it is written (the DVC hash below).
-        shards = dataset.write_image_shards(
-            tmp, images.shape, bounds, images.rows,
-            lambda start, end: last.shard(dataset.IMAGES_DIR, images, start, end))
-        header_shards = dataset.write_header_shards(
-            tmp, bounds, images.headers,
-            lambda start, end: last.shard(dataset.HEADERS_DIR, images, start, end))
+        shards = _write_shards(tmp, images, bounds, last)
         assembled.manifest.to_parquet(tmp / dataset.MANIFEST_FILE, index=False)
         if masks is not None:
             dataset.write_masks(tmp, masks)
@@ -119,20 +114,8 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
                       cache=cache_folder(cfg) if cfg.incremental else None,
                       row_keys=images.entries(0, len(images)))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    known = {f"{dataset.IMAGES_DIR}/{s.file}": s.md5 for s in shards}
-    known.update({f"{dataset.HEADERS_DIR}/{s.file}": s.md5 for s in header_shards})
-    # What the next night may link instead of writing: each shard by what its rows are.
-    def record(kind: str, shard: dataset.StoredShard) -> dict[str, Any]:
-        stat = last.linked_stat(kind, shard.file) or stored_stat(output / kind / shard.file)
-        return {"file": shard.file, "md5": shard.md5, "stat": list(stat or ())}
-
-    written: dict[str, dict[str, Any]] = {}
-    for (start, end), shard, header in zip(bounds, shards, header_shards, strict=True):
-        signature = images.signature(start, end)
-        if signature is not None:
-            written[signature] = {"entries": images.entries(start, end),
-                                  dataset.IMAGES_DIR: record(dataset.IMAGES_DIR, shard),
-                                  dataset.HEADERS_DIR: record(dataset.HEADERS_DIR, header)}
+    # The shards' MD5s came from memory as they were written (or with the links).
+    known = {f"{kind}/{s.file}": s.md5 for kind, per_kind in shards.items() for s in per_kind}
     manifest = assembled.manifest
     return IngestResult(
         output=output,
@@ -148,8 +131,43 @@ def write_dataset(plan: IngestPlan, assembled: Assembled) -> IngestResult:
         elapsed_seconds=round(time.perf_counter() - plan.started, 3),
         key_origin=plan.key.origin,
         manifest_dtypes={str(k): v.kind for k, v in manifest.dtypes.items()},
-        shards=written,
+        shards=_shard_records(output, images, bounds, shards, last),
     )
+
+
+def _write_shards(folder: Path, images: RowImages, bounds: list[tuple[int, int]],
+                  last: LastShards) -> dict[str, list[dataset.StoredShard]]:
+    """Write (or link from the last output) the image and header shards, by kind."""
+    return {
+        dataset.IMAGES_DIR: dataset.write_image_shards(
+            folder, images.shape, bounds, images.rows,
+            lambda start, end: last.shard(dataset.IMAGES_DIR, images, start, end)),
+        dataset.HEADERS_DIR: dataset.write_header_shards(
+            folder, bounds, images.headers,
+            lambda start, end: last.shard(dataset.HEADERS_DIR, images, start, end)),
+    }
+
+
+def _shard_records(output: Path, images: RowImages, bounds: list[tuple[int, int]],
+                   shards: dict[str, list[dataset.StoredShard]], last: LastShards
+                   ) -> dict[str, dict[str, Any]]:
+    """What the next night may link instead of writing: each shard by what its rows are.
+
+    Keyed by the digest of the rows' cache entries (none for a shard with a row that has no
+    entry); each holds the entries and, per kind, the file's name, MD5 and stat as written.
+    """
+    def record(kind: str, shard: dataset.StoredShard) -> dict[str, Any]:
+        stat = last.linked_stat(kind, shard.file) or stored_stat(output / kind / shard.file)
+        return {"file": shard.file, "md5": shard.md5, "stat": list(stat or ())}
+
+    records: dict[str, dict[str, Any]] = {}
+    for k, (start, end) in enumerate(bounds):
+        signature = images.signature(start, end)
+        if signature is not None:
+            records[signature] = {"entries": images.entries(start, end),
+                                  **{kind: record(kind, per_kind[k])
+                                     for kind, per_kind in shards.items()}}
+    return records
 
 
 def metrics_path(cfg: Config) -> Path | None:
