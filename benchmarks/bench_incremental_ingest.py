@@ -165,8 +165,8 @@ def main() -> None:
           f"+{len(held)} new files ({len(held) / len(files):.1%})")
     print(f"| run | seconds (best of {args.repeat}) |")
     print("|---|---|")
-    print(f"| full ingest of the grown archive (empty cache) | {best['full']:.1f} |")
-    print(f"| incremental ingest (+{len(held)} files) | {best['incremental']:.1f} |")
+    print(f"| full ingest of the grown archive (empty cache) | {best['full']:.2f} |")
+    print(f"| incremental ingest (+{len(held)} files) | {best['incremental']:.2f} |")
     print(f"speed-up: {ratio:.1f}x (target >= 20x); outputs equal: DVC hash "
           f"{digests['full']}")
 
