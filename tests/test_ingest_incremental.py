@@ -215,8 +215,9 @@ def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
         tmp_path: Path, tiny_phantom: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """Shards a night leaves alone are the last output's files (hard links, not copies);
-    a shard file edited in the output, a lost pack and lost cache entries are all repaired,
-    and each night still equals a full ingest byte for byte."""
+    a shard copied in place is checked by its MD5 and kept, a shard file edited in the
+    output, a lost pack and lost cache entries are all repaired, and each night still
+    equals a full ingest byte for byte."""
     from tasks.artifacts import dataset
 
     monkeypatch.setattr(dataset, "SHARD_BYTES", 3 * 2 * 48 * 16 * 2)  # about 3 rows a shard
@@ -256,16 +257,22 @@ def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
     assert len({f for f in headers if before_headers.get(f) == headers[f]}) == len(linked)
     assert equals_full(grown.digest, "full-1")
 
-    # An edited shard (another mtime) is not trusted: it is written again, from the cache.
-    edited = next(iter(after))
+    # The same bytes under another stat (as a DVC checkout leaves them) are checked by MD5
+    # and linked; a shard whose bytes changed is written again, from the cache.
+    copied, edited = list(after)[:2]
+    copy = output / "images" / copied
+    copy.write_bytes(copy.read_bytes())
     path = output / "images" / edited
-    path.write_bytes(path.read_bytes())
-    edited_inode = path.stat().st_ino
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    copied_inode, edited_inode = copy.stat().st_ino, path.stat().st_ino
     again = run_ingest(project)
     assert again.reused == again.files_total and again.digest == grown.digest
     now = shards(output)
-    assert now[edited] != edited_inode  # written anew, under the same name (same bytes)
-    assert all(now[f] == after[f] for f in after if f != edited)  # the rest linked
+    assert now[copied] == copied_inode  # trusted by its MD5, linked
+    assert now[edited] != edited_inode  # written anew, under its name (the right bytes)
+    assert all(now[f] == after[f] for f in after if f not in (copied, edited))
     assert dvc_dir_hash(output) == grown.digest
 
     # No pack and no entries: results come from nowhere, so every file is processed again.
@@ -278,7 +285,9 @@ def test_a_night_links_unchanged_shards_and_rewrites_only_what_it_must(
     # Entries lost but the pack kept: a shard that must be written processes its files again.
     shutil.rmtree(folder / "entries")
     path = output / "images" / next(iter(shards(output)))
-    path.write_bytes(path.read_bytes())
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="synthdx.ingest"):
         repaired = run_ingest(project)
     assert repaired.reused == repaired.files_total and repaired.digest == grown.digest

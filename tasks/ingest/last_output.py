@@ -6,9 +6,9 @@ holds the same rows as last night (the same cache entries, in the same order), s
 last night's rows too; their images and headers are read from the old shards (images
 memory-mapped) rather than from their cache entries.
 
-A file of the last output is trusted only while it has the size, mtime and inode it had when
-ingest wrote it (recorded in the cache index): a checkout, a copy or an edit changes one of
-them, and then the rows come from the cache entries.
+A file of the last output is trusted while it has the size, mtime and inode it had when ingest
+wrote it (recorded in the cache); with another stat (a DVC checkout, a copy, an edit) it is
+trusted only if its MD5 is still the recorded one, else its rows come from the cache entries.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts.dataset import HEADERS_DIR, IMAGES_DIR
-from tasks.ingest.cache import stored_stat
+from tasks.ingest.cache import file_md5, stored_stat
 from tasks.ingest.images import RowImages
 from tasks.ingest.reader import FileResult
 
@@ -39,6 +39,7 @@ class LastShards:
         self.output = Path(output)
         self.written = written
         self._stat: dict[tuple[str, str], list[int]] = {}
+        self._md5: dict[tuple[str, str], str] = {}
         self._where: dict[str, tuple[dict[str, str], int]] = {}  # entry -> files, row
         for shard in written.values():
             files: dict[str, str] = {}
@@ -46,6 +47,7 @@ class LastShards:
                 if isinstance(stored, dict):
                     files[kind] = str(stored.get("file"))
                     self._stat[kind, files[kind]] = list(stored.get("stat") or [])
+                    self._md5[kind, files[kind]] = str(stored.get("md5"))
             for row, entry in enumerate(shard.get("entries") or []):
                 self._where[entry] = (files, row)
         self._maps: dict[str, np.ndarray | None] = {}
@@ -53,9 +55,24 @@ class LastShards:
         self._linked: set[tuple[str, str]] = set()
 
     def _unchanged(self, kind: str, name: str) -> str | None:
+        """The file's path while it holds what ingest wrote, else None.
+
+        By its stat first (nothing read); a file with another stat but the recorded size is
+        hashed, and taken (its new stat remembered) when its MD5 is the recorded one. Why:
+        DVC replaces an output's files with links to its cache on the first commit of the
+        output and on every checkout; the bytes are the same, only the inode differs.
+        """
         path = os.path.join(self.output, kind, name)
         recorded = self._stat.get((kind, name))
-        return path if recorded and list(stored_stat(path) or ()) == recorded else None
+        now = stored_stat(path)
+        if not recorded or now is None:
+            return None
+        if list(now) == recorded:
+            return path
+        if now[0] == recorded[0] and file_md5(path) == self._md5.get((kind, name)):
+            self._stat[kind, name] = list(now)
+            return path
+        return None
 
     def linked_stat(self, kind: str, name: str) -> list[int] | None:
         """The stat of a file :meth:`shard` handed out for linking (a link has the same)."""
