@@ -204,6 +204,19 @@ def test_generator_gate_rules():
     assert decision == "challenger" and "two_sample_gap" in reason
     decision, reason, _ = compare(gate_metrics(_worse(fid=10.5)), old, cfg)
     assert decision == "challenger" and reason.startswith("not better overall: FID 10.5")
+    # Values equal to four digits are shown with the digits that tell them apart.
+    near = GEN["quality"]["fid"] * (1 + 2e-6)
+    decision, reason, _ = compare(gate_metrics(_worse(fid=near)), old, cfg)
+    shown, old_shown = reason.split("FID ")[1].split(" (")[0].split(" vs the champion's ")
+    assert decision == "challenger" and shown != old_shown and float(shown) > float(old_shown)
+
+
+def test_distinct_digits():
+    from tasks.audit.gate import distinct
+
+    assert distinct(5559.2, 5559.3) == ("5559.2", "5559.3")
+    assert distinct(5559.0, 5559.0) == ("5559", "5559")
+    assert distinct(12.5, 9.0) == ("12.5", "9")
 
 
 def test_a_refused_generator_releases_the_champions_set(tmp_path: Path, mlflow_uri: str):

@@ -96,11 +96,27 @@ def compare(new: dict[str, float | None], old: dict[str, float | None],
     fid, old_fid = new.get("fid"), old.get("fid")
     if fid is None or old_fid is None:
         return "challenger", "not comparable overall: no FID on one side", checks
+    shown, old_shown = distinct(fid, old_fid)
+    change = f"{(fid / old_fid - 1.0) * 100:+.3g} %" if old_fid else "n/a"
     if not fid < old_fid * (1.0 - cfg.margin):
-        return "challenger", (f"not better overall: FID {fid:.4g} vs the champion's "
-                              f"{old_fid:.4g} (margin {cfg.margin:g})"), checks
-    return "promoted", (f"better overall: FID {fid:.4g} < the champion's {old_fid:.4g}, no "
-                        "quality or privacy number worse beyond tolerance"), checks
+        return "challenger", (f"not better overall: FID {shown} vs the champion's "
+                              f"{old_shown} ({change}; margin {cfg.margin:g})"), checks
+    return "promoted", (f"better overall: FID {shown} < the champion's {old_shown} "
+                        f"({change}), no quality or privacy number worse beyond tolerance"),\
+        checks
+
+
+def distinct(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` with as many significant digits as it takes to tell them apart.
+
+    Why: a reason such as "FID 5559 < the champion's 5559" reads as a contradiction when the
+    values differ below four digits; equal values stay short (up to 12 digits are tried).
+    """
+    for n in range(digits, 13):
+        left, right = f"{a:.{n}g}", f"{b:.{n}g}"
+        if left != right or a == b:
+            return left, right
+    return left, right
 
 
 def _registered(synthesis: dict[str, Any] | None) -> tuple[str | None, str | None]:
