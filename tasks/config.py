@@ -492,6 +492,26 @@ class AuditTstrConfig(_Strict, section="audit.tstr"):
     seed: int
 
 
+class AuditConsistencyConfig(_Strict, section="audit.consistency"):
+    """Label consistency: withhold synthetic images whose finding a real-data classifier misses.
+
+    Per task a small CNN is trained on the real training split; a synthetic positive scoring
+    below the ``quantile`` of real validation positives, or a negative above ``1 - quantile``
+    of real negatives, is withheld from the released set (tasks/audit/consistency.py).
+    """
+
+    steps: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        description="Optimiser steps of each task's classifier (0: check off).")
+    batch_size: Annotated[int, Field(ge=2, le=4096)] = Field(
+        description="Images per step, half positive (balanced sampling).")
+    lr: PositiveFloat
+    seed: int
+    quantile: Annotated[float, Field(gt=0.0, lt=0.5)] = Field(
+        description="Share of real validation images of a class that would fail the check.")
+    tasks: list[Literal["amyloidosis", "metastasis"]] = Field(
+        description="The tasks whose labels are checked.")
+
+
 class AuditPromotionConfig(_Strict, section="audit.promotion"):
     """The generator's gate: this audit against the audit of the registry's champion generator.
 
@@ -532,6 +552,7 @@ class AuditConfig(_Strict, section="audit"):
                     "telling real from synthetic pixels, per cross-validation fold; "
                     "0 skips that test (features only).")
     tstr: AuditTstrConfig
+    consistency: AuditConsistencyConfig
     seed: int
     promotion: AuditPromotionConfig
 

@@ -125,13 +125,18 @@ def shared_mlflow(tmp_path_factory: pytest.TempPathFactory):
 
 def _cfg(tmp_path: Path, processed: Path, synthetic: Path, reports: bool = True):
     """Audit settings for the small test sets; ``reports=False`` keeps the project's reports_dir."""
-    return load_config(PARAMS, [
+    return load_config(PARAMS, _overrides(tmp_path, processed, synthetic, reports))
+
+
+def _overrides(tmp_path: Path, processed: Path, synthetic: Path, reports: bool = True
+               ) -> list[str]:
+    return [
         f"ingest.output={processed}", f"audit.synthetic={synthetic}",
         f"audit.output={tmp_path / 'audit'}",
         *([f"reports_dir={tmp_path / 'reports'}"] if reports else []),
         "audit.encoder.epochs=4", "audit.encoder.batch_size=32", "audit.encoder.feature_dim=32",
         "audit.two_sample_folds=3", "audit.pixel_critic_steps=60", "audit.msssim_pairs=40",
-        "audit.privacy.pairs_shown=4", "audit.tstr.steps=0"])  # TSTR: tests/test_audit_tstr.py
+        "audit.privacy.pairs_shown=4", "audit.tstr.steps=0"]  # TSTR: tests/test_audit_tstr.py
 
 
 # --- metric units -------------------------------------------------------------------------
@@ -371,3 +376,42 @@ def test_audit_flow_is_the_audit_prefect_flow():
     from flows.stages import stage
 
     assert flow_of(stage("audit")).name == "audit"
+
+
+def test_label_inconsistent_images_are_withheld_from_the_released_set(tmp_path, processed,
+                                                                     shared_mlflow):
+    """With the consistency check on, images whose lesions contradict their label are withheld.
+
+    Twelve of sixty fresh draws get the opposite metastasis label (lesions drawn, labelled
+    free, or the reverse): what a generator that ignores its condition produces. They leave
+    the released set with ``label_inconsistent`` in withheld.csv; the audit reports the check
+    and the TSTR of what is released.
+    """
+    fresh, grade, met = _fresh(60, seed=21)
+    flipped = np.zeros(60, dtype=bool)
+    flipped[np.flatnonzero(met)[:6]] = True
+    flipped[np.flatnonzero(~met)[:6]] = True
+    ids = [f"syn-{i:07d}" for i in range(60)]
+    synthetic = _write_synthetic(tmp_path / "synthetic", fresh, grade, met ^ flipped, ids)
+    cfg = load_config(PARAMS, [*_overrides(tmp_path, processed, synthetic),
+                               "audit.tstr.steps=40", "audit.consistency.steps=150",
+                               "audit.consistency.lr=0.003", "audit.consistency.quantile=0.1"])
+    result = run_audit(cfg)
+    out = tmp_path / "audit"
+    doc = json.loads((out / "audit.json").read_text())
+    entry = doc["consistency"]["tasks"]["metastasis"]
+    assert entry["auc_real_val"] > 0.8
+    withheld = pd.read_csv(out / "withheld.csv").set_index("sample_id")
+    caught = withheld.index[withheld["label_inconsistent"]]
+    flipped_ids = {ids[i] for i in np.flatnonzero(flipped)}
+    # 30 validation images make noisy thresholds: the flipped ones are caught far more often.
+    assert len(flipped_ids & set(caught)) >= 9
+    assert len(set(caught) - flipped_ids) / 48 < 0.5 * len(flipped_ids & set(caught)) / 12
+    released = pd.read_parquet(out / "released" / "manifest.parquet")
+    assert not set(released["sample_id"]) & set(withheld.index)
+    assert len(released) == result.released == doc["released"] == 60 - len(withheld)
+    assert result.consistency_withheld == doc["consistency"]["withheld"] == len(caught)
+    assert doc["quality"]["tstr_released"]["tasks"]["metastasis"]["n_train"] == 60 - len(caught)
+    metrics = json.loads((tmp_path / "reports" / "audit_metrics.json").read_text())
+    assert metrics["consistency_withheld"] == len(caught)
+    assert "label-inconsistent" in result.describe()

@@ -32,6 +32,7 @@ from tasks.artifacts.audit_output import (
 )
 from tasks.artifacts.dataset import read_manifest, read_synthesis
 from tasks.artifacts.dvc_hash import dvc_dir_hash
+from tasks.audit.consistency import check_consistency
 from tasks.audit.data import (
     CLASS_DEFINITIONS,
     HELDOUT_SPLITS,
@@ -103,6 +104,8 @@ class AuditResult:
     class_matched_n: int | None = None
     tstr: dict[str, dict[str, float | None]] | None = None
     tstr_meets_target: bool | None = None
+    consistency_withheld: int = 0
+    tstr_released: dict[str, dict[str, float | None]] | None = None
     tracking: AuditTracking | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
@@ -116,7 +119,7 @@ class AuditResult:
         return (
             f"audit: {self.synthetic} synthetic images, {self.withheld} withheld (nearest-"
             f"training NCC > {self.threshold_ncc:.4f}, max {self.max_ncc:.4f}), "
-            f"{self.released} released, in {self.seconds:.1f} s\n"
+            f"{self._consistency_text()}{self.released} released, in {self.seconds:.1f} s\n"
             f"  quality{matched}: FID {f(self.fid)} (real held-out {f(self.fid_reference)}), "
             f"precision {f(self.precision)}, recall {f(self.recall)}, coverage "
             f"{f(self.coverage)}, real-vs-synthetic AUC {f(self.two_sample_auc_features)} "
@@ -125,6 +128,17 @@ class AuditResult:
             f"  report: {self.output / AUDIT_JSON}\n  released: {self.output / RELEASED_DIR}\n"
             f"  DVC metrics: {self._metrics_line()}\n"
             f"  MLflow run: {self.mlflow_run_id}")
+
+    def _consistency_text(self) -> str:
+        """The label-consistency withholding, empty when nothing was withheld for it."""
+        if not self.consistency_withheld:
+            return ""
+        line = f"{self.consistency_withheld} withheld as label-inconsistent"
+        if self.tstr_released:
+            parts = [f"{task} {e['ratio']:.3f}" for task, e in self.tstr_released.items()
+                     if e.get("ratio") is not None]
+            line += f" (TSTR ratio of the rest: {', '.join(parts)})" if parts else ""
+        return line + ", "
 
     def _metrics_line(self) -> str:
         if self.metrics_path is not None:
@@ -273,6 +287,8 @@ def dvc_metrics(quality: dict[str, Any], privacy: dict[str, Any], encoder: dict[
                       for name, entry in quality["per_class"].items()},
         "encoder": {f"heldout_{k}": v for k, v in encoder["heldout"].items()},
         "tstr": tstr_metrics(quality["tstr"]) if "tstr" in quality else None,
+        "tstr_released": (tstr_metrics(quality["tstr_released"])
+                          if "tstr_released" in quality else None),
     }
 
 
@@ -328,15 +344,29 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
 
     tick = time.perf_counter()
     is_val = held_manifest["split"].astype(str).to_numpy() == VAL_SPLIT
+    val_images, val_manifest = x.heldout[torch.from_numpy(is_val)], held_manifest[is_val]
     quality["tstr"] = run_tstr(x.images, x.synthetic.manifest, x.train, train_manifest,
-                               x.heldout[torch.from_numpy(is_val)], held_manifest[is_val],
-                               a.tstr, device)
+                               val_images, val_manifest, a.tstr, device)
     timings["tstr"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    consistency = check_consistency(x.images, x.synthetic.manifest, x.train, train_manifest,
+                                    val_images, val_manifest, a.consistency, device)
+    if consistency.inconsistent.any():
+        # What the downstream stages get: the consistent images (privacy is not yet applied,
+        # it withholds near-copies, a handful at most).
+        keep = torch.from_numpy(~consistency.inconsistent)
+        quality["tstr_released"] = run_tstr(
+            x.images[keep], x.synthetic.manifest[~consistency.inconsistent], x.train,
+            train_manifest, val_images, val_manifest, a.tstr, device)
+        quality["tstr_released"].pop("seconds", None)
+    timings["consistency"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     check = check_privacy(x.images, x.train, x.heldout, a.privacy.quantile, device)
     table = nearest_table(x.synthetic, train_manifest, check.nearest, check.ncc,
                           check.ssim, check.withheld)
+    table["label_inconsistent"] = consistency.inconsistent
     privacy = _privacy_doc(check, table, a.privacy.pairs_shown)
     timings["privacy"] = time.perf_counter() - tick
 
@@ -348,6 +378,9 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
     timings["encoder_training"] = info.seconds
     quality["tstr"].pop("seconds", None)
     metrics = dvc_metrics(quality, privacy, encoder_doc)
+    released_mask = ~(check.withheld | consistency.inconsistent)
+    metrics["consistency_withheld"] = int(consistency.inconsistent.sum())
+    metrics["released"] = int(released_mask.sum())
     document = {
         "generator": "synthdx audit",
         "inputs": {"processed": str(processed), "synthetic": str(synthetic_root),
@@ -361,6 +394,8 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         "encoder": encoder_doc,
         "quality": quality,
         "privacy": privacy,
+        "consistency": consistency.doc,
+        "released": int(released_mask.sum()),
         "config": a.model_dump(mode="json"),
         # The generator's champion / challenger decision (tasks/audit/gate.py): a refused
         # generator's set is not released; the champion generator's is, again.
@@ -370,13 +405,12 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
     output = Path(a.output)
     with atomic_dir(output) as tmp:
         if gate.promote:
-            released = write_released(x.synthetic, ~check.withheld, tmp / RELEASED_DIR)
+            released = write_released(x.synthetic, released_mask, tmp / RELEASED_DIR)
         else:
             released = len(read_manifest(fetch_champion_released(cfg, gate,
                                                                  tmp / RELEASED_DIR)))
         table.to_csv(tmp / NEAREST_CSV, index=False)
-        table[table["withheld"]].drop(columns="withheld").to_csv(tmp / WITHHELD_CSV,
-                                                                 index=False)
+        table[~released_mask].to_csv(tmp / WITHHELD_CSV, index=False)
         plot_pairs(tmp / PAIRS_PNG, x.images, x.train, table, check.nearest,
                    a.privacy.pairs_shown)
         write_json(tmp / AUDIT_JSON, document)
@@ -406,4 +440,6 @@ def run_audit(cfg: Config, synthetic: Path | None = None, processed: Path | None
         seconds=time.perf_counter() - started,
         class_matched_n=match.doc["n_used"] if match.applied else None,
         tstr=None if "note" in quality["tstr"] else metrics["tstr"],
-        tstr_meets_target=quality["tstr"]["meets_target"], tracking=tracking)
+        tstr_meets_target=quality["tstr"]["meets_target"],
+        consistency_withheld=int(consistency.inconsistent.sum()),
+        tstr_released=metrics["tstr_released"], tracking=tracking)
