@@ -144,7 +144,24 @@ def test_phantom_writer_raises_on_an_invalid_value(tmp_path: Path) -> None:
                        scan_speed_cm_min=15.0, frame_duration_ms=400_000, uid_seed="t")
     views = np.ones((2, 16, 8), dtype=np.uint16)
     before = _modes()
-    with pytest.raises(ValueError, match="exceeds the maximum"):
+    with pytest.raises(ValueError, match=r"a\.dcm: .*exceeds the maximum"):
         write_study(tmp_path / "a.dcm", views, ident, head)
     assert _modes() == before
     assert not (tmp_path / "a.dcm").exists()
+
+
+@pytest.mark.parametrize("patient_seed", [303, 10071])  # Faker en_US draws 66 and 65 characters
+def test_phantom_writes_patients_whose_drawn_address_is_too_long(tmp_path: Path,
+                                                                 patient_seed: int) -> None:
+    """A fake address over the LO limit is fitted, so the study's 7,800 patients all write."""
+    ident = make_identity(patient_seed, 2, "F", dt.date(1950, 3, 4), "internal",
+                          dt.date(2022, 5, 6))
+    assert 50 < len(ident.address) <= 64, ident.address
+    assert "Suite" not in ident.address  # the unit went, the street and city stayed
+    head = StudyHeader(sex="F", age_years=72, weight_kg=61.0, height_m=1.62,
+                       institution="St Aurelia University Hospital",
+                       institution_address="1 Hospital Road", manufacturer="ACME",
+                       model="Gamma 2", tracer="DPD", dose_mbq=700.0, pixel_mm=2.4,
+                       scan_speed_cm_min=15.0, frame_duration_ms=400_000, uid_seed="t")
+    write_study(tmp_path / "a.dcm", np.ones((2, 16, 8), dtype=np.uint16), ident, head)
+    assert pydicom.dcmread(tmp_path / "a.dcm").PatientAddress == ident.address

@@ -261,9 +261,16 @@ def write_study(
     Compression uses pydicom's encoders (RLE natively or via pylibjpeg-rle, JPEG-LS via
     pyjpegls, JPEG 2000 via pylibjpeg-openjpeg), all lossless so the counts are exact. A value
     its VR does not allow raises here (:func:`strict_values`) instead of being written.
+
+    Raises:
+        ValueError: a header value its VR does not allow; the message names the file, since
+            pydicom's own names neither the file nor the element.
     """
     with strict_values():
-        ds = build_dataset(views, ident, head)
+        try:
+            ds = build_dataset(views, ident, head)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
         tsuid = TRANSFER_SYNTAXES[transfer_syntax]
         if tsuid.is_compressed:
             ds.compress(tsuid, views, generate_instance_uid=False)

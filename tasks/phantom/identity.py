@@ -15,6 +15,8 @@ from functools import lru_cache
 from faker import Faker
 
 _LOCALES = {"internal": "en_US", "external": "en_GB"}
+LO_MAX = 64  # DICOM LO (Long String, e.g. Patient's Address): at most 64 characters
+_SECONDARY_UNIT = re.compile(r" (?:Apt\.|Suite) \d+")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,19 @@ def _doctor(fake: Faker) -> str:
     return f"{fake.last_name()}^{fake.first_name()}^^Dr."
 
 
+def fit_address(address: str) -> str:
+    """The address as a valid LO value (at most 64 characters).
+
+    Faker's en_US addresses run to 65-66 characters for about 1 person in 5,000 (a long street
+    name with a suite number), which the strict DICOM writer refuses: the study profile's 7,800
+    patients drew one. A hospital's system would keep the street and drop the unit, so that is
+    dropped first; what is still too long is cut at the limit.
+    """
+    if len(address) <= LO_MAX:
+        return address
+    return _SECONDARY_UNIT.sub("", address)[:LO_MAX].rstrip(", ")
+
+
 def make_identity(patient_seed: int, study_seed: int, sex: str, birth_date: dt.date,
                   role: str, study_date: dt.date) -> FakeIdentity:
     """Draw a fake identity deterministically.
@@ -108,7 +123,7 @@ def make_identity(patient_seed: int, study_seed: int, sex: str, birth_date: dt.d
         patient_id=mrn,
         other_patient_id=f"NHS{person.random_number(digits=9, fix_len=True)}",
         birth_date=birth_date,
-        address=person.address().replace("\n", ", "),
+        address=fit_address(person.address().replace("\n", ", ")),
         phone=person.numerify("(###) ###-####"),
         referring_physician=_doctor(visit),
         performing_physician=_doctor(visit),
