@@ -739,6 +739,10 @@ class DriftConfig(_Strict, section="drift"):
                     "(root mean square over dimensions, in reference standard deviations).")
 
 
+StageGroup = Literal["phantom", "ingest", "drift", "train_diffusion", "synthesize", "audit",
+                     "train_classifier", "validate"]
+
+
 class PipelineConfig(_Strict, section="pipeline"):
     """How ``synthdx run`` runs the stages (no stage depends on it: changing it reruns nothing)."""
 
@@ -748,6 +752,9 @@ class PipelineConfig(_Strict, section="pipeline"):
     max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
         description="Most stages run at once when the DAG allows (the classifier matrix); "
                     "CPU threads are shared out between them.")
+    exclusive: list[StageGroup] = Field(
+        description="Stage groups (dvc.yaml keys) that run alone with every CPU core: long "
+                    "multi-threaded stages, whose thread budget is fixed when they start.")
 
 
 class ReaderStudyConfig(_Strict, section="reader_study"):

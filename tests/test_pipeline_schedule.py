@@ -126,6 +126,34 @@ def test_selected_subset_ignores_upstream_outside_the_run():
     assert [o.outcome for o in result.outcomes] == ["ran"] * 4
 
 
+def test_an_exclusive_stage_runs_alone_with_every_core_and_keeps_its_place():
+    """As in dvc.yaml: after ingest, train_diffusion and the `real` classifiers are ready
+    together; the diffusion training runs alone on both cores (not one core for its whole
+    run beside a short neighbour), then synthesize alone, then the rest side by side."""
+    dag = [
+        _stage("ingest"),
+        _stage("train_diffusion", "ingest"),
+        _stage("synthesize", "train_diffusion"),
+        _stage("audit", "synthesize"),
+        _stage("train_classifier@real", "ingest"),
+        _stage("train_classifier@mixed", "audit"),
+        _stage("validate", "train_classifier@real", "train_classifier@mixed"),
+    ]
+    rec = Recorder(seconds=0.02)
+    result = run_scheduled(dag, lambda name: "changed", rec, max_parallel=2, log=lambda _: None,
+                           cores=2, exclusive={"train_diffusion", "synthesize"})
+    assert result.failure is None
+    assert rec.started[:3] == ["ingest", "train_diffusion", "synthesize"]
+    assert rec.ended[:3] == ["ingest", "train_diffusion", "synthesize"]  # nothing beside them
+    assert rec.threads["train_diffusion"] == 2 and rec.threads["synthesize"] == 2
+    assert rec.threads["audit"] == 1 and rec.threads["train_classifier@real"] == 1  # side by side
+    assert rec.started[-1] == "validate"
+    without = Recorder(seconds=0.02)
+    run_scheduled(dag, lambda name: "changed", without, max_parallel=2, log=lambda _: None,
+                  cores=2)
+    assert without.threads["train_diffusion"] == 1  # what the study run got before
+
+
 @pytest.mark.parametrize(("concurrent", "cores", "expected"),
                          [(1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 16, 8), (0, 4, 4)])
 def test_thread_budget(concurrent, cores, expected):

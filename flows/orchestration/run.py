@@ -62,7 +62,8 @@ def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
                  log: Callable[[str], None] = print) -> PipelineSummary:
     """Run the requested stages in DAG order inside one MLflow parent run.
 
-    Independent stages run side by side, up to ``pipeline.max_parallel`` at once.
+    Independent stages run side by side, up to ``pipeline.max_parallel`` at once, except
+    the ``pipeline.exclusive`` ones, which run alone.
 
     Args:
         cfg: the validated parameters (tracking store, profile, reports folder).
@@ -96,7 +97,7 @@ def run_pipeline(cfg: Config, request: PipelineRequest, run_stage: RunStage,
         begin_stages()
         try:
             result = run_scheduled(stages, stale, launch, cfg.pipeline.max_parallel, log,
-                                   on_abort=stop_stages)
+                                   on_abort=stop_stages, exclusive=cfg.pipeline.exclusive)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: stopped, not failed
                 mlflow.end_run("KILLED")

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -67,13 +67,22 @@ def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None
                   launch: Launch, max_parallel: int = 1,
                   log: Callable[[str], None] = print,
                   cores: int | None = None,
-                  on_abort: Callable[[], None] | None = None) -> ScheduleResult:
+                  on_abort: Callable[[], None] | None = None,
+                  exclusive: Collection[str] = ()) -> ScheduleResult:
     """Run the stale stages of ``stages`` as their upstream stages finish.
 
     A stage starts once every upstream stage that is part of this run has finished; it is
     asked whether it is stale only then (an upstream stage that just ran may have made it
     so). At most ``max_parallel`` stages run at once. After a failure nothing new starts;
     the stages already running finish, and the rest are reported "not run".
+
+    A stage of an ``exclusive`` group runs alone, with every core: it starts once nothing
+    else runs, and nothing starts beside it. Why: a process's thread budget is fixed when it
+    starts, so a long stage launched beside a short one (train_diffusion beside the ``real``
+    classifiers, which need only ingest) kept half the cores for its whole run after its
+    neighbours had finished: the study profile's diffusion training ran on one thread for
+    37 minutes. When the next stage in pipeline order is exclusive, nothing later in the
+    order jumps ahead of it.
 
     Args:
         stages: the selected stages in pipeline order (their ``upstream`` from dvc.yaml).
@@ -84,6 +93,7 @@ def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None
         cores: CPU cores to share out (default: this machine's).
         on_abort: stops the running stages when this thread is interrupted (SIGTERM,
             Ctrl-C); without it the interruption waits for them to finish.
+        exclusive: stage groups (dvc.yaml keys) that run alone.
     """
     selected = {s.name for s in stages}
     pending = list(stages)
@@ -105,7 +115,9 @@ def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None
             while failure is None and progressed and len(running) < max_parallel:
                 progressed = False
                 for info in ready():
-                    if len(running) >= max_parallel:
+                    alone = info.group in exclusive
+                    if len(running) >= max_parallel or (running and alone) or any(
+                            r.group in exclusive for r, _, _ in running.values()):
                         break
                     pending.remove(info)
                     progressed = True
@@ -116,7 +128,7 @@ def run_scheduled(stages: Sequence[StageInfo], stale: Callable[[str], str | None
                                                            reason="up to date")
                         finished.add(info.name)
                         break  # a skipped stage may make others ready: look again
-                    share = min(max_parallel, len(running) + len(ready()) + 1)
+                    share = 1 if alone else min(max_parallel, len(running) + len(ready()) + 1)
                     log(f"pipeline: {info.name} runs ({reason})")
                     context = contextvars.copy_context()  # Prefect's flow-run context
                     future = pool.submit(context.run, launch, info,
