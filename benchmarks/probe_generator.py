@@ -13,6 +13,10 @@ a shorter run).
 ``fidelity``: amyloidosis train-on-synthetic / test-on-real of one snapshot (60 Perugini 0,
 30 Perugini 2, 30 Perugini 3 images; the audit's TSTR classifier).
 
+``contrast``: does contrastive guidance (the opposite metastasis value, instead of the null
+condition, as the guidance's unconditional branch) make the trained model's metastasis-free
+scans cleaner? Scores both samplings with the audit's label-consistency classifier.
+
 ``eval``: for each snapshot, samples a class-matched synthetic set (conditions drawn from the
 real training split's label mix) with the given sampler and scores it with the audit's own
 metrics (``tasks.audit``: in-domain encoder, FID, precision / recall / coverage, feature
@@ -26,6 +30,7 @@ Usage::
         --snapshots 500,1000,2000 --set diffusion.max_steps=2000 ...
     python benchmarks/probe_generator.py eval --params params.yaml --run runs/a \\
         --images 300 --steps 50 --guidance 1.5
+    python benchmarks/probe_generator.py contrast --params params.yaml --images 48
 """
 
 from __future__ import annotations
@@ -317,12 +322,73 @@ def fidelity(cfg: Config, snap: Path, guidance: float, steps: int,
     return result
 
 
+def contrast(cfg: Config, images: int, guidance: float, steps: int) -> list[dict[str, Any]]:
+    """Share of label-consistent images with plain and with contrastive guidance.
+
+    Plain: ``eps_null + s (eps_cond - eps_null)``. Contrastive: the unconditional branch asks
+    for the opposite metastasis value (other factors null), ``eps_anti + s (eps_cond -
+    eps_anti)``, meant to push a metastasis-free scan away from lesions. ``images`` Perugini-0,
+    non-superscan images per metastasis value and rule, seeds 0.. (the same starting noise for
+    both rules); scored by the audit's label-consistency classifier (``audit.consistency``:
+    trained on the real training split, thresholds from the real validation split).
+    """
+    from tasks.artifacts.diffusion_model import load_trained
+    from tasks.audit.consistency import thresholds
+    from tasks.audit.tstr import TASKS, score, train_classifier
+
+    module, size = load_trained(Path(cfg.diffusion.output))
+    spec = module.spec
+    real = open_processed(Path(cfg.ingest.output))
+    split = real.manifest["split"].astype(str).to_numpy()
+    y = TASKS["metastasis"](real.manifest)
+    check = cfg.audit.consistency
+    clf = train_classifier(real.load(split == "train", size), y[split == "train"],
+                           cfg.audit.tstr.model_copy(update={
+                               "steps": check.steps or 1500, "batch_size": check.batch_size,
+                               "lr": check.lr, "seed": check.seed}), torch.device("cpu"))
+    low, high = thresholds(score(clf, real.load(split == "val", size)), y[split == "val"],
+                           check.quantile)
+
+    def indices(**values: Any) -> list[int]:
+        return [f.index_of(values[f.name]) if f.name in values else f.null_index
+                for f in spec.factors]
+
+    results = []
+    for met in (False, True):
+        cond = {"perugini_grade": 0, "metastasis": met}
+        if "superscan" in spec.names:
+            cond["superscan"] = False
+        for rule, uncond in (("plain", spec.null_indices),
+                             ("contrastive", indices(metastasis=not met))):
+            start = time.time()
+            syn = torch.cat([sample(module.unet, "ddim", steps,
+                                    torch.tensor([indices(**cond)] * len(seeds)), guidance,
+                                    seeds, (2, *size), "cpu", null_cond=uncond,
+                                    intensity=module.intensity, **module.noise_schedule)
+                             for seeds in (list(range(i, min(i + 12, images)))
+                                           for i in range(0, images, 12))]).float()
+            scores = score(clf, syn)
+            consistent = scores >= low if met else scores <= high
+            result = {"metastasis": met, "guidance_rule": rule, "guidance": guidance,
+                      "ddim_steps": steps, "images": images,
+                      "consistent": round(float(consistent.mean()), 3),
+                      "mean_score": round(float(scores.mean()), 3),
+                      "seconds": round(time.time() - start, 1)}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
     e = sub.add_parser("eval")
     f = sub.add_parser("fidelity")
+    c = sub.add_parser("contrast")
+    c.add_argument("--images", type=int, default=48)
+    c.add_argument("--guidance", type=float, default=2.0)
+    c.add_argument("--steps", type=int, default=25)
     f.add_argument("--snapshot", type=Path, required=True)
     f.add_argument("--guidance", type=float, default=2.0)
     f.add_argument("--steps", type=int, default=25)
@@ -332,7 +398,7 @@ def main() -> None:
                    help="DDIM eta: 0 deterministic, 1 stochastic (less grain, RESULTS.md)")
     f.add_argument("--grain-only", action="store_true",
                    help="only sample and measure soft-tissue grain (no TSTR classifiers)")
-    for p in (t, e, f):
+    for p in (t, e, f, c):
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
         p.add_argument("--set", dest="overrides", action="append", default=[])
     t.add_argument("--out", type=Path, required=True)
@@ -348,7 +414,10 @@ def main() -> None:
     e.add_argument("--only", default="")
     e.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"])
     args = parser.parse_args()
-    if args.command == "fidelity":
+    if args.command == "contrast":
+        contrast(load_config(args.params, args.overrides), args.images, args.guidance,
+                 args.steps)
+    elif args.command == "fidelity":
         fidelity(load_config(args.params, args.overrides), args.snapshot, args.guidance,
                  args.steps, args.task, args.per_class, args.eta, args.grain_only)
     elif args.command == "train":
