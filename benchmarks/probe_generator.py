@@ -155,6 +155,26 @@ def train(cfg: Config, out: Path, snapshots: set[int], init: Path | None = None,
     trainer.fit(module, datamodule=data)
 
 
+def sample_batches(module: DiffusionModule, cond: torch.Tensor, steps: int, guidance: float,
+                   size: tuple[int, int], *, eta: float = 0.0, bf16: bool = False,
+                   null_cond: list[int] | None = None, batch: int = 12) -> torch.Tensor:
+    """DDIM samples of ``module``, one per row of ``cond``, seeds 0, 1, ... in batches.
+
+    Why one helper: every probe must sample as the synthesize stage does (same seeds per
+    image, guidance, intensity transform and noise schedule), so that two probes of one
+    snapshot compare settings, not sampling code. ``null_cond``: the guidance's
+    unconditional branch (default: the null condition of every factor).
+    """
+    null = module.spec.null_indices if null_cond is None else null_cond
+    parts = [sample(module.unet, "ddim", steps, cond[i:i + batch], guidance,
+                    list(range(i, min(i + batch, len(cond)))), (2, *size), "cpu",
+                    null_cond=null, eta=eta,
+                    autocast_dtype=torch.bfloat16 if bf16 else None,
+                    intensity=module.intensity, **module.noise_schedule)
+             for i in range(0, len(cond), batch)]
+    return torch.cat(parts).float()
+
+
 def _encoder_features(cfg: Config, size: tuple[int, int], cache: Path
                       ) -> tuple[Any, dict[str, np.ndarray], pd.DataFrame]:
     real = open_processed(Path(cfg.ingest.output))
@@ -200,15 +220,7 @@ def evaluate(cfg: Config, run: Path, images: int, steps: int, guidance: float, e
         module.eval()
         started = time.perf_counter()
         bf16 = auto_precision(precision, "cpu") == "bf16-mixed"
-        parts = []
-        for i in range(0, images, 12):
-            parts.append(sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
-                                list(range(i, min(i + 12, images))), (2, *size), "cpu",
-                                null_cond=spec.null_indices, eta=eta,
-                                autocast_dtype=torch.bfloat16 if bf16 else None,
-                                intensity=module.intensity,
-                                **module.noise_schedule))
-        syn = torch.cat(parts).float()
+        syn = sample_batches(module, cond, steps, guidance, size, eta=eta, bf16=bf16)
         sample_s = time.perf_counter() - started
         fs = (embed(encoder, syn) - mean) / std
         m = feature_metrics(z["train"], fs, cfg.audit.nearest_k, 5, 1)
@@ -288,12 +300,7 @@ def fidelity(cfg: Config, snap: Path, guidance: float, steps: int,
     cond = torch.as_tensor(module.spec.encode(pd.DataFrame({"perugini_grade": grades,
                                                             "metastasis": mets})))
     bf16 = auto_precision("auto", "cpu") == "bf16-mixed"
-    syn = torch.cat([sample(module.unet, "ddim", steps, cond[i:i + 12], guidance,
-                            list(range(i, min(i + 12, len(grades)))), (2, *size), "cpu",
-                            null_cond=module.spec.null_indices, eta=eta,
-                            autocast_dtype=torch.bfloat16 if bf16 else None,
-                            intensity=module.intensity, **module.noise_schedule)
-                     for i in range(0, len(grades), 12)]).float()
+    syn = sample_batches(module, cond, steps, guidance, size, eta=eta, bf16=bf16)
     real = open_processed(Path(cfg.ingest.output))
     split = real.manifest["split"].astype(str).to_numpy()
     def real_labels(name: str) -> np.ndarray:
@@ -361,12 +368,8 @@ def contrast(cfg: Config, images: int, guidance: float, steps: int) -> list[dict
         for rule, uncond in (("plain", spec.null_indices),
                              ("contrastive", indices(metastasis=not met))):
             start = time.time()
-            syn = torch.cat([sample(module.unet, "ddim", steps,
-                                    torch.tensor([indices(**cond)] * len(seeds)), guidance,
-                                    seeds, (2, *size), "cpu", null_cond=uncond,
-                                    intensity=module.intensity, **module.noise_schedule)
-                             for seeds in (list(range(i, min(i + 12, images)))
-                                           for i in range(0, images, 12))]).float()
+            syn = sample_batches(module, torch.tensor([indices(**cond)] * images), steps,
+                                 guidance, size, null_cond=uncond)
             scores = score(clf, syn)
             consistent = scores >= low if met else scores <= high
             result = {"metastasis": met, "guidance_rule": rule, "guidance": guidance,
