@@ -116,7 +116,6 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
 
 
-
 def _require_finite_weights(module: torch.nn.Module, training: TrainingSet,
                             precision: str) -> None:
     """Stop with the model's name when training left NaN or infinite weights.
