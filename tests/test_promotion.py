@@ -176,6 +176,39 @@ def test_validate_stage_reports_the_decision(world):
     assert json.loads(json.dumps(doc))["tasks"]["metastasis"]["champion"] is None
 
 
+
+def _declared_outputs(stage: str) -> list[str]:
+    """Every path dvc.yaml declares as the stage's output or metrics file."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    entries = spec["stages"][stage].get("outs", []) + spec["stages"][stage].get("metrics", [])
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+def test_validate_with_registration_off_writes_every_declared_output(world):
+    """A ``dvc exp`` grid point turns registration off; validate must still write all it
+    declares, and last run's decisions must not stand for this run's."""
+    from tasks.validate.stage import validate_stage
+
+    cfg, cases, _, model, rng = world
+    root, _ = model("night1", _perfect(cases, rng))
+    cfg.validation.classifiers = root
+    validate_stage(cfg)  # registration on: a decision for metastasis
+    reports = Path(cfg.validation.output)
+    assert read_promotion(reports / "promotion.json")["tasks"]
+
+    cfg.classifier.registered_model_prefix = None
+    summary = validate_stage(cfg)
+    declared = _declared_outputs("validate")
+    assert "reports/promotion.json" in declared
+    missing = [p for p in declared if not (reports / Path(p).relative_to("reports")).exists()]
+    assert missing == []
+    doc = read_promotion(reports / "promotion.json")
+    assert doc["tasks"] == {} and "registration is off" in doc["note"]
+    assert "promotion none: registration is off" in summary.describe()
+    assert summary.champions == {}
+
 # --- the generator's gate (on its audit) --------------------------------------------------------
 
 GEN = {"quality": {"fid": 10.0, "precision": 0.8, "recall": 0.7, "two_sample_auc": 0.6},

@@ -13,7 +13,13 @@ Layout::
                       "champion": {"version", "run_id", "regime", "seed"} | null,
                       "sites": [{"site", "internal", "n", "positives", "auc_new",
                                  "auc_champion", "delta", "p_value", "blocks", "note"}],
-                      "pooled": {... as a site ..., "site": "pooled"} | null}}}
+                      "pooled": {... as a site ..., "site": "pooled"} | null}},
+     "note": str}   # only when "tasks" is empty: why nothing was registered
+
+The file is written on every validation, registration off included (``tasks`` empty and a
+``note`` saying why): dvc.yaml declares it as the stage's output, so a ``dvc exp`` grid point
+that turns registration off must still produce it, and last run's decisions must not be read
+as this run's.
 
 Not a cached DVC output: the decision depends on the registry's state as well as on the models.
 """
@@ -34,9 +40,15 @@ DECISIONS = ("promoted", "challenger", "kept")
 kept: the champion is this model already (validation rerun without retraining)."""
 
 
-def write_promotion(path: Path, settings: dict[str, Any], tasks: dict[str, dict[str, Any]]
-                    ) -> None:
+def write_promotion(path: Path, settings: dict[str, Any], tasks: dict[str, dict[str, Any]],
+                    note: str | None = None) -> None:
     """Write promotion.json atomically.
+
+    Args:
+        path: where (``<validation.output>/promotion.json``).
+        settings: ``validation.promotion`` as JSON.
+        tasks: each registered task's decision; empty when nothing was registered.
+        note: why ``tasks`` is empty (written only then).
 
     Raises:
         ValueError: a task's decision is not one of ``DECISIONS``.
@@ -45,7 +57,10 @@ def write_promotion(path: Path, settings: dict[str, Any], tasks: dict[str, dict[
         if doc.get("decision") not in DECISIONS:
             raise ValueError(f"{path}: task {task}: decision {doc.get('decision')!r} is not one "
                              f"of {DECISIONS}")
-    doc = {"schema_version": SCHEMA_VERSION, "settings": settings, "tasks": tasks}
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "settings": settings,
+                           "tasks": tasks}
+    if not tasks and note:
+        doc["note"] = note
     atomic_write_text(Path(path), json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
@@ -59,7 +74,9 @@ def read_promotion(path: Path) -> dict[str, Any] | None:
 
 
 def promotion_lines(doc: dict[str, Any]) -> list[str]:
-    """One line per task: the decision, the registry version and the reason."""
+    """One line per task: the decision, the registry version and the reason (or the note)."""
+    if not doc.get("tasks") and doc.get("note"):
+        return [f"none: {doc['note']}"]
     lines = []
     for task, entry in sorted(doc.get("tasks", {}).items()):
         version = entry.get("version")

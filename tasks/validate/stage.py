@@ -112,17 +112,23 @@ def validate_stage(cfg: Config) -> ValidateSummary:
 
 
 def record_promotion(cfg: Config, champions: dict[str, dict[str, str]], reports: Path,
-                     html_path: Path) -> dict[str, Any] | None:
+                     html_path: Path) -> dict[str, Any]:
     """Write promotion.json, tag the active run and add the decisions to the HTML report.
 
+    When nothing was registered the file is still written, with no task and a note saying
+    why: dvc.yaml declares it, and a stale file from an earlier run must not stand for this one.
+
     Returns:
-        promotion.json's document, or None when nothing was registered (registration off).
+        promotion.json's document (no task, and its note, when nothing was registered).
     """
     import mlflow
 
-    if not champions:
-        return None
     settings = cfg.validation.promotion.model_dump(mode="json")
+    if not champions:
+        note = _unregistered_reason(cfg)
+        write_promotion(reports / PROMOTION_JSON, settings, {}, note=note)
+        mlflow.log_artifact(str(reports / PROMOTION_JSON))
+        return {"settings": settings, "tasks": {}, "note": note}
     tasks = {}
     for task, entry in champions.items():
         gate = json.loads(entry["gate"])
@@ -143,6 +149,13 @@ def record_promotion(cfg: Config, champions: dict[str, dict[str, str]], reports:
                                                       1))
             mlflow.log_artifact(str(html_path))
     return doc
+
+
+def _unregistered_reason(cfg: Config) -> str:
+    if not cfg.classifier.registered_model_prefix:
+        return ("registration is off (classifier.registered_model_prefix is null): no model "
+                "was registered or compared with a champion")
+    return "no model was registered: no classifier folder names its MLflow training run"
 
 
 def record_drift_references(cfg: Config, champions: dict[str, dict[str, str]]) -> None:
