@@ -9,9 +9,14 @@ external sites (``comparisons[].pooled``: Delta AUC of the seed ensembles, boots
 DeLong p-value).
 
 Commands, in a project whose pipeline has run (``synthdx run`` or ``dvc repro``) with
-``dvc.lock`` committed, so that the experiments reuse phantom ... audit from the DVC cache and
-only train the classifiers and validate::
+``dvc.lock`` and the reports git keeps (``reports/*_metrics.json``, ``reports/validation/``)
+committed, so that the experiments reuse phantom ... audit from the DVC cache and only train
+the classifiers and validate. An experiment's workspace is a checkout of that commit: without
+``reports/ingest_metrics.json`` in it, DVC sees ingest's output missing and runs ingest again
+in every experiment (2 min each on the study project; measured 2026-12-08, with the file
+committed ingest was skipped)::
 
+    git add dvc.lock params.yaml reports && git commit -m "pipeline run"
     source .venv/bin/activate
     export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db   # else each experiment's runs go to
                                                           # a mlflow.db in its temp folder
