@@ -176,7 +176,6 @@ def test_validate_stage_reports_the_decision(world):
     assert json.loads(json.dumps(doc))["tasks"]["metastasis"]["champion"] is None
 
 
-
 def _declared_outputs(stage: str) -> list[str]:
     """Every path dvc.yaml declares as the stage's output or metrics file."""
     import yaml

@@ -41,8 +41,8 @@ kept: the champion is this model already (validation rerun without retraining)."
 
 
 def write_promotion(path: Path, settings: dict[str, Any], tasks: dict[str, dict[str, Any]],
-                    note: str | None = None) -> None:
-    """Write promotion.json atomically.
+                    note: str | None = None) -> dict[str, Any]:
+    """Write promotion.json atomically and return the document written.
 
     Args:
         path: where (``<validation.output>/promotion.json``).
@@ -62,6 +62,7 @@ def write_promotion(path: Path, settings: dict[str, Any], tasks: dict[str, dict[
     if not tasks and note:
         doc["note"] = note
     atomic_write_text(Path(path), json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return doc
 
 
 def read_promotion(path: Path) -> dict[str, Any] | None:

@@ -125,10 +125,10 @@ def record_promotion(cfg: Config, champions: dict[str, dict[str, str]], reports:
 
     settings = cfg.validation.promotion.model_dump(mode="json")
     if not champions:
-        note = _unregistered_reason(cfg)
-        write_promotion(reports / PROMOTION_JSON, settings, {}, note=note)
+        doc = write_promotion(reports / PROMOTION_JSON, settings, {},
+                              note=_unregistered_reason(cfg))
         mlflow.log_artifact(str(reports / PROMOTION_JSON))
-        return {"settings": settings, "tasks": {}, "note": note}
+        return doc
     tasks = {}
     for task, entry in champions.items():
         gate = json.loads(entry["gate"])
@@ -139,9 +139,8 @@ def record_promotion(cfg: Config, champions: dict[str, dict[str, str]], reports:
                                     else None)}
         mlflow.set_tags({f"synthdx.promotion.{task}": entry["decision"],
                          f"synthdx.promotion.{task}.reason": entry["reason"][:4900]})
-    write_promotion(reports / PROMOTION_JSON, settings, tasks)
+    doc = write_promotion(reports / PROMOTION_JSON, settings, tasks)
     mlflow.log_artifact(str(reports / PROMOTION_JSON))
-    doc = {"settings": settings, "tasks": tasks}
     if html_path.is_file():
         page = html_path.read_text(encoding="utf-8")
         if "</body>" in page:
